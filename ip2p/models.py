@@ -1,0 +1,188 @@
+"""Load Stable Diffusion components from a folder, a hub id or a single file, and turn the UNet into an editor.
+
+The editor's UNet takes ``cat([noisy_latent, source_latent], dim=1)``: ``expand_conv_in`` adds zero-initialised input
+channels for the source latent and keeps the pretrained weights and bias, so at step 0 the model is the base model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+IP2P_META_FILE = "ip2p.json"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass
+class EditorModel:
+    """The five pipeline components plus how the source latent is scaled."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    scale_source_latent: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "EditorModel":
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        return self
+
+    def eval(self) -> "EditorModel":
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.eval()
+        return self
+
+
+def expand_conv_in(unet: torch.nn.Module, latent_channels: int = 4) -> bool:
+    """Give ``unet`` ``2 * latent_channels`` input channels for the source latent; returns True if it changed.
+
+    New channels get zero weights; the old weights and the bias are kept (diffusers' script drops the bias, #4960), so
+    the expanded UNet's output equals the base UNet's for any source latent. An already-expanded UNet is left alone.
+    """
+    target = 2 * latent_channels
+    conv = unet.conv_in
+    current = conv.in_channels
+    if current == target:
+        return False
+    if current != latent_channels:
+        raise ValueError(
+            f"unet.conv_in has {current} input channels; expected {latent_channels} (a text-to-image base to expand) "
+            f"or {target} (an editor already); inpainting-style or other UNets are not supported"
+        )
+    new = torch.nn.Conv2d(target, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                          bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, :current].copy_(conv.weight)
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    unet.conv_in = new
+    # Keep the saved config truthful so diffusers rebuilds the right shape on load.
+    unet.register_to_config(in_channels=target)
+    return True
+
+
+def is_single_file(source: str | os.PathLike) -> bool:
+    return str(source).lower().endswith(SINGLE_FILE_SUFFIXES)
+
+
+def read_ip2p_meta(folder: str | os.PathLike) -> dict:
+    """The ``ip2p.json`` we write beside a pipeline folder's components ({} when absent)."""
+    path = Path(folder) / IP2P_META_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete it or restore it from the checkpoint") from e
+
+
+def _load_folder(source: str, torch_dtype: torch.dtype | None) -> dict:
+    """Components from a diffusers folder or hub id (one code path: diffusers resolves both)."""
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    local = Path(source)
+    if local.exists():
+        if not local.is_dir():
+            raise ValueError(f"checkpoint {source!r} is a file but not one of {', '.join(SINGLE_FILE_SUFFIXES)}")
+        missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (local / s).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"checkpoint folder {source!r} lacks {', '.join(missing)}: expected a diffusers pipeline folder "
+                "(model_index.json with unet/ vae/ text_encoder/ tokenizer/ scheduler/)"
+            )
+    try:
+        sched_config = diffusers.DDPMScheduler.load_config(source, subfolder="scheduler")
+        sched_cls = getattr(diffusers, sched_config.get("_class_name", "PNDMScheduler"), diffusers.PNDMScheduler)
+        return {
+            "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype),
+            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype),
+            "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch_dtype),
+            "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
+            "scheduler": sched_cls.from_config(sched_config),
+        }
+    except (OSError, EnvironmentError) as e:
+        if local.exists():
+            raise
+        raise FileNotFoundError(
+            f"could not load {source!r}: it is not a local folder, and as a hub id it failed ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); check the path, or download it first when offline"
+        ) from e
+
+
+def load_components(source: str | os.PathLike, *, config_dir: str | None = None, allow_pickle: bool = False,
+                    torch_dtype: torch.dtype | None = None) -> tuple[dict, dict]:
+    """Load unet, vae, text_encoder, tokenizer, scheduler; returns (components, ip2p metadata)."""
+    source = str(source)
+    if is_single_file(source):
+        from ip2p.export import load_single_file
+
+        loaded = load_single_file(source, config_dir=config_dir, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
+        meta = loaded.pop("metadata", {}) or {}
+        return loaded, meta
+    components = _load_folder(source, torch_dtype)
+    return components, read_ip2p_meta(source) if Path(source).is_dir() else {}
+
+
+def load_editor(source: str | os.PathLike, *, config_dir: str | None = None, allow_pickle: bool = False,
+                torch_dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                scale_source_latent: bool | None = None, expand: bool = True) -> EditorModel:
+    """Load an editor (or a base model, expanded to an editor when ``expand``) ready for sampling or training.
+
+    ``scale_source_latent``: None takes the checkpoint's own setting (ip2p metadata), else False (the paper's
+    convention); pass True for CosXL-style models that scale the source latent.
+    """
+    components, meta = load_components(source, config_dir=config_dir, allow_pickle=allow_pickle,
+                                       torch_dtype=torch_dtype)
+    unet = components["unet"]
+    latent_channels = int(components["vae"].config.latent_channels)
+    if expand:
+        if expand_conv_in(unet, latent_channels):
+            logger.info("expanded unet.conv_in from %d to %d input channels (new ones zero)",
+                        latent_channels, 2 * latent_channels)
+    elif unet.conv_in.in_channels != 2 * latent_channels:
+        raise ValueError(
+            f"{source}: unet has {unet.conv_in.in_channels} input channels, an editor needs {2 * latent_channels}; "
+            "this looks like a base text-to-image model: fine-tune it with train.py first"
+        )
+    if scale_source_latent is None:
+        scale_source_latent = _as_bool(meta.get("scale_source_latent", False))
+    model = EditorModel(**components, scale_source_latent=scale_source_latent)
+    for module in (model.unet, model.vae, model.text_encoder):
+        module.requires_grad_(False)
+    if device is not None:
+        model.to(device=device)
+    return model.eval()
+
+
+def _as_bool(value: object) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes")
+    return bool(value)

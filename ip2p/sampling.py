@@ -1,0 +1,125 @@
+"""The edit loop: any diffusers scheduler driven by a denoiser callable (see ``guidance.two_scale_denoiser``)."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Callable
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from ip2p.conditioning import encode_source, encode_text, vae_scaling_factor
+from ip2p.guidance import Denoiser, two_scale_denoiser
+
+logger = logging.getLogger(__name__)
+
+# Short names users pass on the command line; the paper sampled with Euler-ancestral.
+SCHEDULERS: dict[str, type] = {
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "euler": EulerDiscreteScheduler,
+    "ddim": DDIMScheduler,
+    "dpm++": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
+    "pndm": PNDMScheduler,
+    "lms": LMSDiscreteScheduler,
+    "heun": HeunDiscreteScheduler,
+    "ddpm": DDPMScheduler,
+}
+DEFAULT_SCHEDULER = "euler_a"
+DEFAULT_STEPS = 50
+DEFAULT_TEXT_GUIDANCE = 7.5
+DEFAULT_IMAGE_GUIDANCE = 1.5
+
+
+def make_scheduler(name: str, base_config) -> object:
+    """A scheduler of the short ``name`` built from a pipeline's scheduler config (betas, prediction type)."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler={name!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[name].from_config(base_config)
+
+
+def _step_kwargs(scheduler, generator: torch.Generator | None, eta: float) -> dict:
+    """Pass ``generator``/``eta`` only to schedulers whose ``step`` takes them (ancestral, DDIM)."""
+    params = inspect.signature(scheduler.step).parameters
+    kwargs = {}
+    if "generator" in params:
+        kwargs["generator"] = generator
+    if "eta" in params:
+        kwargs["eta"] = eta
+    return kwargs
+
+
+def sample(denoiser: Denoiser, scheduler, latents: torch.Tensor, *, steps: int,
+           generator: torch.Generator | None = None, eta: float = 0.0, progress: bool = True,
+           callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Run ``scheduler`` for ``steps`` from initial noise ``latents`` (B, C, h, w), unscaled N(0, 1)."""
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be at least 1")
+    scheduler.set_timesteps(steps, device=latents.device)
+    latents = latents * scheduler.init_noise_sigma
+    kwargs = _step_kwargs(scheduler, generator, eta)
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="editing", leave=False)):
+        eps = denoiser(scheduler.scale_model_input(latents, t), t)
+        latents = scheduler.step(eps, t, latents, **kwargs, return_dict=False)[0]
+        if callback is not None:
+            callback(i, latents)
+    return latents
+
+
+@torch.no_grad()
+def edit(model, images: torch.Tensor, instructions: list[str], *, steps: int = DEFAULT_STEPS,
+         text_guidance: float = DEFAULT_TEXT_GUIDANCE, image_guidance: float = DEFAULT_IMAGE_GUIDANCE,
+         generator: torch.Generator | None = None, num_images_per_input: int = 1, scheduler=None,
+         latents: torch.Tensor | None = None, eta: float = 0.0, progress: bool = True,
+         output: str = "image") -> torch.Tensor:
+    """Edit ``images`` (B, 3, H, W) in [-1, 1] following ``instructions`` (B strings).
+
+    Returns (B * num_images_per_input, 3, H, W) in [0, 1] (outputs of one input are adjacent), or the final latents
+    when ``output="latent"``. ``model`` is an ``EditorModel``; ``scheduler`` defaults to ``model.scheduler``.
+    Noise is drawn with ``generator`` on its own device (use a CPU generator for device-independent results).
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W); got shape {tuple(images.shape)}")
+    if len(instructions) != images.shape[0]:
+        raise ValueError(f"got {len(instructions)} instructions for {images.shape[0]} images; pass one per image")
+    if num_images_per_input < 1:
+        raise ValueError(f"num_images_per_input={num_images_per_input} must be at least 1")
+    f = model.vae_scale_factor
+    if images.shape[-2] % f or images.shape[-1] % f:
+        raise ValueError(f"image size {tuple(images.shape[-2:])} must be a multiple of {f} (the VAE's downsampling)")
+    scheduler = scheduler if scheduler is not None else model.scheduler
+    device, dtype = model.device, model.text_encoder.dtype
+    n = num_images_per_input
+
+    text = encode_text(model.text_encoder, model.tokenizer, list(instructions)).repeat_interleave(n, 0)
+    null_text = encode_text(model.text_encoder, model.tokenizer, [""]).expand_as(text)
+    source = encode_source(model.vae, images.to(device), scale=model.scale_source_latent)
+    source = source.to(dtype).repeat_interleave(n, 0)  # (B*n, C, h, w)
+
+    shape = (source.shape[0], model.latent_channels, *source.shape[-2:])
+    if latents is None:
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    elif tuple(latents.shape) != shape:
+        raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}")
+    denoiser = two_scale_denoiser(model.unet, text, null_text.to(dtype), source, text_guidance, image_guidance)
+    latents = sample(denoiser, scheduler, latents.to(device=device, dtype=dtype), steps=steps,
+                     generator=generator, eta=eta, progress=progress)
+    if output == "latent":
+        return latents
+    vae_dtype = next(model.vae.parameters()).dtype
+    decoded = model.vae.decode(latents.to(vae_dtype) / vae_scaling_factor(model.vae), return_dict=False)[0]
+    return (decoded.float() / 2 + 0.5).clamp(0, 1)

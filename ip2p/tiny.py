@@ -1,0 +1,213 @@
+"""Tiny, seeded, offline Stable Diffusion components (SPEC section 9).
+
+Used by the tests and as a smoke test for users: ``python -m ip2p.tiny OUT_DIR`` writes a complete diffusers
+pipeline folder (random weights) that ``infer.py`` and diffusers both load. Nothing is downloaded.
+
+Two layouts:
+- ``"small"``: a 2-level UNet/VAE, fastest; the VAE downsamples by 2.
+- ``"sd"``: the Stable Diffusion block structure (4 levels, default block types, VAE x8), small widths. Needed for the
+  original single-file key layout, which only maps faithfully from SD-shaped models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = ("small", "sd")
+
+# Stable Diffusion v1's scheduler settings; what a diffusers SD folder ships.
+SD_SCHEDULER_CONFIG = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    skip_prk_steps=True,
+    steps_offset=1,
+    set_alpha_to_one=False,
+    prediction_type="epsilon",
+)
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's reversible byte -> printable character table, which CLIP's BPE vocabulary is written in."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\u00a1"), ord("\u00ac") + 1))
+        + list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def write_tokenizer_files(folder: str | os.PathLike) -> Path:
+    """Write a character-level CLIP vocabulary (no merges) that CLIPTokenizer accepts; returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = _bytes_to_unicode()
+    vocab: dict[str, int] = {}
+    for s in symbols:
+        vocab[s] = len(vocab)
+    for s in symbols:
+        vocab[s + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return folder
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """A character-level CLIPTokenizer with 77 positions, built from files written to a temporary folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer_files(tmp)
+        return CLIPTokenizer(f"{tmp}/vocab.json", f"{tmp}/merges.txt", model_max_length=77)
+
+
+def tiny_text_encoder(vocab_size: int, seed: int = 0, hidden_size: int = 32) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        max_position_embeddings=77,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        projection_dim=hidden_size,
+    )
+    torch.manual_seed(seed)
+    return CLIPTextModel(config).eval()
+
+
+def tiny_unet(layout: str = "small", in_channels: int = 4, seed: int = 0, cross_attention_dim: int = 32,
+              sample_size: int = 32, prediction_type_hint: str | None = None) -> UNet2DConditionModel:
+    """A randomly initialised UNet; ``in_channels=4`` is a text-to-image base, 8 an editor."""
+    _check_layout(layout)
+    torch.manual_seed(seed)
+    if layout == "small":
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            sample_size=sample_size,
+            in_channels=in_channels,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=8,
+            norm_num_groups=16,
+        )
+    else:
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=2,
+            sample_size=sample_size,
+            in_channels=in_channels,
+            out_channels=4,
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=8,
+            norm_num_groups=16,
+        )
+    # Random init leaves conv_in's bias tiny; make it visible so tests notice if surgery drops it.
+    with torch.no_grad():
+        unet.conv_in.bias.normal_(0.0, 0.1)
+    return unet.eval()
+
+
+def tiny_vae(layout: str = "small", seed: int = 0, sample_size: int = 64) -> AutoencoderKL:
+    _check_layout(layout)
+    torch.manual_seed(seed)
+    channels = [32, 64] if layout == "small" else [32, 32, 64, 64]
+    vae = AutoencoderKL(
+        block_out_channels=channels,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * len(channels),
+        up_block_types=["UpDecoderBlock2D"] * len(channels),
+        latent_channels=4,
+        layers_per_block=1 if layout == "small" else 2,
+        norm_num_groups=16,
+        sample_size=sample_size,
+    )
+    return vae.eval()
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not a tiny layout; expected one of {', '.join(LAYOUTS)}")
+
+
+@dataclass
+class TinyComponents:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: PNDMScheduler
+
+
+def tiny_components(layout: str = "small", in_channels: int = 8, seed: int = 0) -> TinyComponents:
+    """All five components of an SD pipeline, seeded; ``in_channels=4`` gives a base model to run surgery on."""
+    tokenizer = tiny_tokenizer()
+    return TinyComponents(
+        unet=tiny_unet(layout, in_channels=in_channels, seed=seed),
+        vae=tiny_vae(layout, seed=seed + 1),
+        text_encoder=tiny_text_encoder(len(tokenizer), seed=seed + 2),
+        tokenizer=tokenizer,
+        scheduler=PNDMScheduler(**SD_SCHEDULER_CONFIG),
+    )
+
+
+def save_tiny_pipeline(out_dir: str | os.PathLike, layout: str = "small", in_channels: int = 8, seed: int = 0) -> Path:
+    """Write a diffusers pipeline folder (safetensors) holding tiny random components; returns its path.
+
+    ``in_channels=8`` writes an InstructPix2Pix pipeline, 4 a plain Stable Diffusion one (a base to fine-tune).
+    """
+    from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
+
+    c = tiny_components(layout, in_channels=in_channels, seed=seed)
+    cls = StableDiffusionInstructPix2PixPipeline if in_channels == 8 else StableDiffusionPipeline
+    pipe = cls(
+        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=c.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    out = Path(out_dir)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ip2p.tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", help="folder to write the diffusers pipeline to")
+    parser.add_argument("--layout", choices=LAYOUTS, default="small")
+    parser.add_argument("--in-channels", type=int, choices=(4, 8), default=8,
+                        help="8: an InstructPix2Pix editor; 4: a text-to-image base to fine-tune")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = save_tiny_pipeline(args.out_dir, args.layout, args.in_channels, args.seed)
+    logger.info("wrote a tiny %s pipeline (%d input channels) to %s", args.layout, args.in_channels, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,224 @@
+"""Surgery, guidance, condition dropout and the edit loop, checked against diffusers' pipeline."""
+
+import pytest
+import torch
+from diffusers import StableDiffusionInstructPix2PixPipeline
+
+from ip2p import tiny
+from ip2p.conditioning import apply_dropout, draw_dropout, dropout_masks, encode_source
+from ip2p.guidance import branch_weights, combine, needed_branches, two_scale_denoiser
+from ip2p.models import EditorModel, expand_conv_in, load_editor
+from ip2p.sampling import SCHEDULERS, edit, make_scheduler
+
+
+# ---- conv_in surgery ----------------------------------------------------------------------------------------------
+
+def test_expand_conv_in_keeps_weights_bias_and_zeroes_new_channels():
+    unet = tiny.tiny_unet("small", in_channels=4, seed=3)
+    old_w, old_b = unet.conv_in.weight.clone(), unet.conv_in.bias.clone()
+    assert expand_conv_in(unet) is True
+    assert unet.conv_in.in_channels == 8 and unet.config.in_channels == 8
+    assert torch.equal(unet.conv_in.weight[:, :4], old_w)
+    assert torch.count_nonzero(unet.conv_in.weight[:, 4:]) == 0
+    assert torch.equal(unet.conv_in.bias, old_b) and old_b.abs().sum() > 0
+
+
+def test_expanded_unet_equals_base_at_step_0_for_any_source_latent():
+    base = tiny.tiny_unet("small", in_channels=4, seed=5)
+    expanded = tiny.tiny_unet("small", in_channels=4, seed=5)
+    expand_conv_in(expanded)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    ctx = torch.randn(2, 77, 32, generator=g)
+    t = torch.tensor([10, 900])
+    want = base(x, t, encoder_hidden_states=ctx).sample
+    for src in (torch.randn(2, 4, 16, 16, generator=g) * 5, torch.zeros(2, 4, 16, 16)):
+        got = expanded(torch.cat([x, src], 1), t, encoder_hidden_states=ctx).sample
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_expand_conv_in_leaves_8_channel_unet_alone_and_rejects_others():
+    unet = tiny.tiny_unet("small", in_channels=8)
+    w = unet.conv_in.weight.clone()
+    assert expand_conv_in(unet) is False
+    assert torch.equal(unet.conv_in.weight, w)
+    with pytest.raises(ValueError, match="9 input channels"):
+        expand_conv_in(tiny.tiny_unet("small", in_channels=9))
+
+
+def test_load_editor_expands_a_base_and_refuses_base_without_expand(tiny_base_dir):
+    model = load_editor(tiny_base_dir)
+    assert model.unet.conv_in.in_channels == 8
+    assert model.scale_source_latent is False
+    with pytest.raises(ValueError, match="base text-to-image model"):
+        load_editor(tiny_base_dir, expand=False)
+
+
+def test_load_editor_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="lacks"):
+        load_editor(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not-a-model"):
+        load_editor(str(tmp_path / "not-a-model"))
+
+
+# ---- guidance -------------------------------------------------------------------------------------------------------
+
+def _eps():
+    g = torch.Generator().manual_seed(1)
+    return {b: torch.randn(2, 4, 8, 8, generator=g) for b in ("full", "image", "none")}
+
+
+def test_guidance_formula_and_identities():
+    eps = _eps()
+    s_t, s_i = 7.5, 1.5
+    want = eps["none"] + s_i * (eps["image"] - eps["none"]) + s_t * (eps["full"] - eps["image"])
+    torch.testing.assert_close(combine(eps, s_t, s_i), want)
+    # s_T = s_I = 1 is the fully conditioned branch alone.
+    assert needed_branches(1.0, 1.0) == ("full",)
+    torch.testing.assert_close(combine({"full": eps["full"]}, 1.0, 1.0), eps["full"])
+    # Dropping zero-weight branches gives the same value as the three-branch formula.
+    for s_t, s_i in [(7.5, 1.0), (2.0, 2.0), (0.0, 1.3), (0.0, 0.0), (0.0, 1.0), (3.0, 0.0)]:
+        sub = {b: eps[b] for b in needed_branches(s_t, s_i)}
+        full = eps["none"] + s_i * (eps["image"] - eps["none"]) + s_t * (eps["full"] - eps["image"])
+        torch.testing.assert_close(combine(sub, s_t, s_i), full, rtol=1e-5, atol=1e-5)
+    assert sum(branch_weights(4.2, 1.7).values()) == pytest.approx(1.0)
+
+
+def test_denoiser_batches_only_needed_branches():
+    calls = []
+
+    class FakeUNet(torch.nn.Module):
+        def forward(self, x, t, encoder_hidden_states, return_dict=False):
+            calls.append(x.shape[0])
+            return (x[:, :4] + encoder_hidden_states.mean() + x[:, 4:].sum(dim=(1, 2, 3), keepdim=True),)
+
+    text, null = torch.ones(2, 77, 32), torch.zeros(2, 77, 32)
+    src = torch.ones(2, 4, 8, 8)
+    x = torch.zeros(2, 4, 8, 8)
+    for (s_t, s_i), rows in {(7.5, 1.5): 6, (7.5, 1.0): 4, (1.0, 1.0): 2}.items():
+        calls.clear()
+        out = two_scale_denoiser(FakeUNet(), text, null, src, s_t, s_i)(x, torch.tensor(1))
+        assert calls == [rows]
+        assert out.shape == x.shape
+    # With s_T = s_I = 1 only the full branch is used: text mean 1 plus source sum 256.
+    assert torch.allclose(out, torch.full_like(out, 1.0 + 256.0))
+
+
+# ---- condition dropout ----------------------------------------------------------------------------------------------
+
+def test_dropout_bands_are_exact():
+    p = 0.05
+    r = torch.tensor([0.0, 0.049, 0.05, 0.099, 0.1, 0.149, 0.15, 0.99])
+    drop_text, drop_image = dropout_masks(r, p)
+    assert drop_text.tolist() == [True, True, True, True, False, False, False, False]
+    assert drop_image.tolist() == [False, False, True, True, True, True, False, False]
+
+
+def test_dropout_rates():
+    drop_text, drop_image = draw_dropout(200_000, 0.05, torch.Generator().manual_seed(0))
+    text_only = (drop_text & ~drop_image).float().mean().item()
+    both = (drop_text & drop_image).float().mean().item()
+    image_only = (~drop_text & drop_image).float().mean().item()
+    for rate in (text_only, both, image_only):
+        assert abs(rate - 0.05) < 0.003
+    with pytest.raises(ValueError, match="p=0.5"):
+        dropout_masks(torch.rand(3), 0.5)
+
+
+def test_apply_dropout_uses_null_text_and_zero_image():
+    text = torch.ones(3, 77, 8)
+    null = torch.full((1, 77, 8), -1.0)
+    src = torch.ones(3, 4, 2, 2)
+    t, i = apply_dropout(text, null, src, torch.tensor([True, False, True]), torch.tensor([False, True, True]))
+    assert torch.equal(t[0], null[0]) and torch.equal(t[1], text[1]) and torch.equal(t[2], null[0])
+    assert torch.equal(i[0], src[0]) and i[1].abs().sum() == 0 and i[2].abs().sum() == 0
+
+
+# ---- edit loop vs diffusers ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def editor_and_pipe(tiny_editor_dir):
+    model = load_editor(tiny_editor_dir, expand=False)
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(tiny_editor_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return model, pipe
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+@pytest.mark.parametrize("size", [(32, 32), (24, 40)])
+def test_edit_matches_diffusers_pipeline(editor_and_pipe, scheduler, size):
+    model, pipe = editor_and_pipe
+    g = torch.Generator().manual_seed(42)
+    image = torch.rand(1, 3, *size, generator=g) * 2 - 1
+    pipe.scheduler = make_scheduler(scheduler, model.scheduler.config)
+    want = pipe("make it winter", image=(image + 1) / 2, num_inference_steps=4, guidance_scale=7.5,
+                image_guidance_scale=1.5, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    got = edit(model, image, ["make it winter"], steps=4, text_guidance=7.5, image_guidance=1.5,
+               scheduler=make_scheduler(scheduler, model.scheduler.config),
+               generator=torch.Generator().manual_seed(0), progress=False)
+    assert got.shape == want.shape == (1, 3, *size)
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_edit_matches_diffusers_for_batches_and_several_outputs(editor_and_pipe):
+    model, pipe = editor_and_pipe
+    pipe.scheduler = make_scheduler("euler_a", model.scheduler.config)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    prompts = ["make it winter", "turn the cat black"]
+    want = pipe(prompts, image=(images + 1) / 2, num_inference_steps=3, generator=torch.Generator().manual_seed(7),
+                output_type="pt").images
+    got = edit(model, images, prompts, steps=3, scheduler=make_scheduler("euler_a", model.scheduler.config),
+               generator=torch.Generator().manual_seed(7), progress=False)
+    assert (got - want).abs().max().item() <= 1e-5
+    # Several outputs of one input: diffusers tiles the single image, which is right for a batch of one.
+    want = pipe("add snow", image=(images[:1] + 1) / 2, num_inference_steps=3, num_images_per_prompt=3,
+                generator=torch.Generator().manual_seed(3), output_type="pt").images
+    got = edit(model, images[:1], ["add snow"], steps=3, num_images_per_input=3,
+               scheduler=make_scheduler("euler_a", model.scheduler.config),
+               generator=torch.Generator().manual_seed(3), progress=False)
+    assert got.shape == (3, 3, 32, 32)
+    assert (got - want).abs().max().item() <= 1e-5
+    assert (got[0] - got[1]).abs().max() > 1e-3  # different noise per output
+
+
+def test_edit_is_reproducible_and_seed_dependent(editor_and_pipe):
+    model, _ = editor_and_pipe
+    image = torch.zeros(1, 3, 16, 16)
+    run = lambda seed: edit(model, image, ["x"], steps=2, generator=torch.Generator().manual_seed(seed),  # noqa: E731
+                            progress=False)
+    assert torch.equal(run(0), run(0))
+    assert not torch.equal(run(0), run(1))
+
+
+def test_edit_with_s_i_one_matches_three_branch_value(editor_and_pipe):
+    model, _ = editor_and_pipe
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    src = encode_source(model.vae, image)
+    from ip2p.conditioning import encode_text
+    text = encode_text(model.text_encoder, model.tokenizer, ["hello"])
+    null = encode_text(model.text_encoder, model.tokenizer, [""])
+    t = torch.tensor(500)
+    two = two_scale_denoiser(model.unet, text, null, src, 7.5, 1.0)(x, t)
+    # Force all three branches by nudging s_I by 0 through the generic formula.
+    ctx = torch.cat([text, null, null])
+    inp = torch.cat([torch.cat([x] * 3), torch.cat([src, src, torch.zeros_like(src)])], 1)
+    full, img, none = model.unet(inp, t, encoder_hidden_states=ctx).sample.chunk(3)
+    want = none + 1.0 * (img - none) + 7.5 * (full - img)
+    torch.testing.assert_close(two, want, rtol=1e-4, atol=1e-5)
+
+
+def test_edit_rejects_bad_inputs(editor_and_pipe):
+    model, _ = editor_and_pipe
+    with pytest.raises(ValueError, match="multiple of 2"):
+        edit(model, torch.zeros(1, 3, 15, 16), ["x"], steps=1, progress=False)
+    with pytest.raises(ValueError, match="instructions"):
+        edit(model, torch.zeros(2, 3, 16, 16), ["x"], steps=1, progress=False)
+    with pytest.raises(ValueError, match="scheduler='nope'"):
+        make_scheduler("nope", model.scheduler.config)
+
+
+def test_editor_model_is_a_plain_container(editor_and_pipe):
+    model, _ = editor_and_pipe
+    assert isinstance(model, EditorModel)
+    assert model.vae_scale_factor == 2 and model.latent_channels == 4
