@@ -137,10 +137,31 @@ def _load_folder(source: str, torch_dtype: torch.dtype | None) -> dict:
         ) from e
 
 
+def _builtin(layout: str) -> dict:
+    from ip2p import tiny
+
+    c = tiny.tiny_components(layout, in_channels=4)
+    return {"unet": c.unet, "vae": c.vae, "text_encoder": c.text_encoder, "tokenizer": c.tokenizer,
+            "scheduler": c.scheduler}
+
+
+# Built-in base models, by name: random tiny text-to-image models for smoke runs, nothing downloaded.
+BUILTIN_MODELS = {"tiny": lambda: _builtin("small"), "tiny-sd": lambda: _builtin("sd")}
+
+
 def load_components(source: str | os.PathLike, *, config_dir: str | None = None, allow_pickle: bool = False,
                     torch_dtype: torch.dtype | None = None) -> tuple[dict, dict]:
-    """Load unet, vae, text_encoder, tokenizer, scheduler; returns (components, ip2p metadata)."""
+    """Load unet, vae, text_encoder, tokenizer, scheduler; returns (components, ip2p metadata).
+
+    ``source``: a diffusers folder, a hub id, a single checkpoint file, or a built-in name (``tiny``, ``tiny-sd``).
+    """
     source = str(source)
+    if source in BUILTIN_MODELS and not Path(source).exists():
+        components = BUILTIN_MODELS[source]()
+        if torch_dtype is not None:
+            for key in ("unet", "vae", "text_encoder"):
+                components[key].to(torch_dtype)
+        return components, {}
     if is_single_file(source):
         from ip2p.export import load_single_file
 

@@ -102,11 +102,11 @@ def edit(model, images: torch.Tensor, instructions: list[str], *, steps: int = D
     if images.shape[-2] % f or images.shape[-1] % f:
         raise ValueError(f"image size {tuple(images.shape[-2:])} must be a multiple of {f} (the VAE's downsampling)")
     scheduler = scheduler if scheduler is not None else model.scheduler
-    device, dtype = model.device, model.text_encoder.dtype
+    device, dtype = model.device, model.dtype  # the UNet's: encoders may run in another precision
     n = num_images_per_input
 
-    text = encode_text(model.text_encoder, model.tokenizer, list(instructions)).repeat_interleave(n, 0)
-    null_text = encode_text(model.text_encoder, model.tokenizer, [""]).expand_as(text)
+    text = encode_text(model.text_encoder, model.tokenizer, list(instructions)).to(dtype).repeat_interleave(n, 0)
+    null_text = encode_text(model.text_encoder, model.tokenizer, [""]).to(dtype).expand_as(text)
     source = encode_source(model.vae, images.to(device), scale=model.scale_source_latent)
     source = source.to(dtype).repeat_interleave(n, 0)  # (B*n, C, h, w)
 
@@ -115,7 +115,7 @@ def edit(model, images: torch.Tensor, instructions: list[str], *, steps: int = D
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}")
-    denoiser = two_scale_denoiser(model.unet, text, null_text.to(dtype), source, text_guidance, image_guidance)
+    denoiser = two_scale_denoiser(model.unet, text, null_text, source, text_guidance, image_guidance)
     latents = sample(denoiser, scheduler, latents.to(device=device, dtype=dtype), steps=steps,
                      generator=generator, eta=eta, progress=progress)
     if output == "latent":

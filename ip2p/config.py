@@ -1,0 +1,360 @@
+"""The training configuration: one typed dataclass tree, loaded from YAML and overridden by ``key=value`` arguments.
+
+Unknown keys and values of the wrong type are errors that list the valid choices. The resolved config is written
+into the run folder and into every checkpoint, so resuming and sampling need nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit")
+ATTENTION = ("sdpa", "xformers")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+CACHE_MODES = ("none", "text", "text+latents")
+TRACKERS = ("tensorboard", "wandb")
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    """Base model: diffusers folder, hub id, or single .safetensors (then set config_dir)."""
+    config_dir: str | None = None
+    """Local diffusers folder describing the architecture of a single-file base model."""
+    prediction_type: str | None = None
+    """Override the scheduler's prediction type: epsilon or v_prediction (None keeps the base model's)."""
+    scale_source_latent: bool = False
+    """Scale the source latent by the VAE factor (CosXL-style); the paper and released models do not."""
+    attention: str = "sdpa"
+    """Attention kernel: sdpa (PyTorch, default) or xformers (needs the optional xformers package)."""
+    gradient_checkpointing: bool = False
+    """Recompute UNet activations in the backward pass: less memory, about 30% slower."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Dataset: hub id, save_to_disk folder, parquet folder/glob, .jsonl, imagefolder, or original seeds.json folder."""
+    split: str = "train"
+    source_column: str | None = None
+    """Column of the image to edit (None: detect input_image / original_image / ...)."""
+    instruction_column: str | None = None
+    """Column of the instruction (None: detect edit_prompt / instruction / ...)."""
+    target_column: str | None = None
+    """Column of the edited image (None: detect edited_image / output_image / ...)."""
+    streaming: bool = False
+    """Stream the dataset instead of loading it (for sets larger than disk or RAM)."""
+    resolution: int = 256
+    """Training resolution (square crops)."""
+    random_resize: list[int] = field(default_factory=lambda: [256, 288])
+    """Resize the short side to a random size in [lo, hi] before cropping (paper: 256-288)."""
+    random_crop: bool = True
+    random_flip: bool = True
+    shuffle: bool = True
+    num_workers: int = 2
+    """DataLoader worker processes per training process."""
+    cache: str = "none"
+    """Cache frozen-encoder outputs: none, text (instruction embeddings), text+latents (also VAE latents)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 10000
+    """Optimizer steps."""
+    batch_size: int = 4
+    """Examples per process per micro-step; global batch = batch_size x processes x gradient_accumulation."""
+    gradient_accumulation: int = 1
+    lr: float = 1e-4
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    optimizer: str = "adamw"
+    """adamw or adamw8bit (needs bitsandbytes)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0 disables)."""
+    mixed_precision: str = "no"
+    """no, fp16 or bf16."""
+    condition_dropout: float = 0.05
+    """p: drop text, image, or both, each with probability p (SPEC section 2)."""
+    ema: bool = True
+    ema_decay: float = 0.9999
+    snr_gamma: float = 0.0
+    """Min-SNR loss weighting gamma (0 disables; 5 is the usual value)."""
+    noise_offset: float = 0.0
+    """Offset noise strength (0 disables)."""
+    checkpoint_every: int = 500
+    """Save a resumable checkpoint every N optimizer steps (0: only at the end and on SIGTERM)."""
+    checkpoints_total_limit: int = 3
+    """Keep at most this many checkpoints (0: keep all)."""
+    log_every: int = 10
+    final_single_file: bool = True
+    """Also export <output_dir>/final.safetensors in the original SD layout (SD-shaped models only)."""
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 0
+    """Run validation every N optimizer steps (0 disables)."""
+    images: list[str] = field(default_factory=list)
+    """Local image files to edit."""
+    instructions: list[str] = field(default_factory=list)
+    """One instruction per image (or a single one for all)."""
+    steps: int = 20
+    text_guidance: float = 7.5
+    image_guidance: float = 1.5
+    scheduler: str = "euler_a"
+    seed: int = 0
+    resolution: int = 256
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    """Run folder: config, checkpoints, logs, validation images, final model."""
+    seed: int = 0
+    """Seed of all randomness (data order, augmentation, noise, dropout)."""
+    resume: str | None = None
+    """latest (the newest checkpoint in output_dir), or a checkpoint folder path."""
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Any of tensorboard, wandb (wandb honours WANDB_MODE=offline)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+_CHOICES = {
+    "train.mixed_precision": MIXED_PRECISION,
+    "train.optimizer": OPTIMIZERS,
+    "train.lr_schedule": LR_SCHEDULES,
+    "model.attention": ATTENTION,
+    "model.prediction_type": (None, *PREDICTION_TYPES),
+    "data.cache": CACHE_MODES,
+}
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message says which and what is allowed."""
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp`` (allowing int -> float); raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}={value!r}: expected {_describe(tp)}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list of {_describe(item)}, e.g. [a, b]")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; users mean a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r}: expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r}: expected a string")
+    raise ConfigError(f"{key}: unsupported type {_describe(tp)}")
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], [v.split(".")[-1] for v in valid], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}; valid keys here: {', '.join(valid)}")
+
+
+def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping of keys to values, got {data!r}")
+    hints = _hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise _unknown(full, [f"{prefix}{n}" for n in names])
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, f"{full}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field and choice checks; fail at load, not deep inside training."""
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            shown = ", ".join("null" if c is None else str(c) for c in choices)
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {shown}")
+    for tracker in cfg.trackers:
+        if tracker not in TRACKERS:
+            raise ConfigError(f"trackers: {tracker!r} is unknown; choose from {', '.join(TRACKERS)}")
+    positive = {"train.max_steps": cfg.train.max_steps, "train.batch_size": cfg.train.batch_size,
+                "train.gradient_accumulation": cfg.train.gradient_accumulation, "data.resolution": cfg.data.resolution}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1")
+    if not 0 <= cfg.train.condition_dropout <= 1 / 3:
+        raise ConfigError(f"train.condition_dropout={cfg.train.condition_dropout} must be in [0, 1/3]")
+    if not 0 < cfg.train.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay={cfg.train.ema_decay} must be in (0, 1)")
+    if cfg.train.lr <= 0:
+        raise ConfigError(f"train.lr={cfg.train.lr} must be positive")
+    lo_hi = cfg.data.random_resize
+    if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1] or lo_hi[0] < cfg.data.resolution:
+        raise ConfigError(f"data.random_resize={lo_hi} must be [lo, hi] with data.resolution "
+                          f"({cfg.data.resolution}) <= lo <= hi")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
+    if cfg.validation.every and not cfg.validation.images:
+        raise ConfigError("validation.every is set but validation.images is empty; list local image files")
+    n_img, n_ins = len(cfg.validation.images), len(cfg.validation.instructions)
+    if n_img and n_ins not in (1, n_img):
+        raise ConfigError(f"validation.instructions has {n_ins} entries for {n_img} images; give 1 or {n_img}")
+    if n_img and not n_ins:
+        raise ConfigError("validation.images is set but validation.instructions is empty")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", YAML-parsed value), so numbers, booleans, lists and null work as in the file."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. train.max_steps=100")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then ``key=value`` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p} does not exist; see configs/ for examples")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from e
+        _apply(cfg, data)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _apply(cfg, nest(key, value))
+    return validate(cfg)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, data)
+    return validate(cfg)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(dump(cfg), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def reference() -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every key, read from the dataclasses' attribute docstrings (README table)."""
+    import ast
+    import inspect
+
+    rows = []
+
+    def docs(cls: type) -> dict[str, str]:
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body
+        out = {}
+        for node, nxt in zip(body, body[1:] + [None]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                out[node.target.id] = " ".join(str(nxt.value.value).split())
+        return out
+
+    def walk(obj: Any, prefix: str) -> None:
+        d = docs(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                rows.append((f"{prefix}{f.name}", yaml.safe_dump(value, default_flow_style=True).strip()
+                             .removesuffix("...").strip(), d.get(f.name, "")))
+
+    walk(Config(), "")
+    return rows

@@ -1,0 +1,83 @@
+"""Config loading: YAML, key=value overrides, strict keys and types, round trips."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from ip2p import config as cfgmod
+from ip2p.config import ConfigError, load_config
+
+CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
+
+
+def test_defaults_follow_the_paper():
+    cfg = load_config()
+    assert cfg.train.lr == 1e-4 and cfg.train.weight_decay == 0.01 and cfg.train.lr_schedule == "constant"
+    assert cfg.train.condition_dropout == 0.05 and cfg.train.ema_decay == 0.9999
+    assert cfg.data.resolution == 256 and cfg.data.random_resize == [256, 288]
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("output_dir: runs/a\ntrain:\n  max_steps: 5\n  lr: 0.001\ndata:\n  path: x\n")
+    cfg = load_config(path, ["train.max_steps=7", "output_dir=runs/b", "trackers=[]", "train.lr=2e-5",
+                             "model.prediction_type=v_prediction", "resume=null"])
+    assert cfg.train.max_steps == 7 and cfg.output_dir == "runs/b" and cfg.trackers == []
+    assert cfg.train.lr == pytest.approx(2e-5) and isinstance(cfg.train.lr, float)
+    assert cfg.data.path == "x" and cfg.model.prediction_type == "v_prediction" and cfg.resume is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_stepz=3", "did you mean 'max_steps'"),
+    ("nope=1", "unknown config key 'nope'"),
+    ("train.max_steps=abc", "train.max_steps='abc': expected an integer"),
+    ("train.ema=maybe", "expected true or false"),
+    ("train.mixed_precision=fp8", "choose one of no, fp16, bf16"),
+    ("data.cache=all", "choose one of none, text, text+latents"),
+    ("trackers=[mlflow]", "mlflow"),
+    ("train.condition_dropout=0.5", "condition_dropout"),
+    ("data.random_resize=[300,280]", "random_resize"),
+    ("train", "key=value"),
+    ("validation.every=5", "validation.images is empty"),
+])
+def test_bad_keys_and_values_are_clear_errors(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    section = tmp_path / "section.yaml"
+    section.write_text("train: 3\n")
+    with pytest.raises(ConfigError, match="train must be a mapping"):
+        load_config(section)
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    cfg = load_config(None, ["train.max_steps=11", "data.path=some/where", "validation.every=2",
+                             "validation.images=[a.png]", "validation.instructions=[make it red]"])
+    cfgmod.save(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert cfgmod.from_dict(cfgmod.to_dict(cfg)) == cfg
+
+
+def test_reference_documents_every_key():
+    rows = cfgmod.reference()
+    keys = {k for k, _, _ in rows}
+    for required in ("output_dir", "seed", "model.pretrained", "data.path", "train.max_steps", "train.batch_size",
+                     "train.checkpoint_every", "resume"):
+        assert required in keys
+    assert all(doc for key, _, doc in rows if key in ("data.path", "train.batch_size", "resume"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.train.max_steps >= 1
