@@ -32,9 +32,10 @@ def needed_branches(text_scale: float, image_scale: float) -> tuple[str, ...]:
 def combine(eps: dict[str, torch.Tensor], text_scale: float, image_scale: float) -> torch.Tensor:
     """Guided prediction from the branches present in ``eps`` (the ones ``needed_branches`` names)."""
     if len(eps) == 3:
-        # The paper's form, term for term, so results match diffusers' pipeline to float rounding.
-        return (eps["none"] + image_scale * (eps["image"] - eps["none"])
-                + text_scale * (eps["full"] - eps["image"]))
+        # The paper's formula with its terms summed in the order diffusers' pipeline sums them, so results are
+        # bit-identical to it rather than equal to float rounding.
+        return (eps["none"] + text_scale * (eps["full"] - eps["image"])
+                + image_scale * (eps["image"] - eps["none"]))
     weights = branch_weights(text_scale, image_scale)
     names = [b for b in BRANCHES if b in eps]
     # Weights sum to 1, so anchor on one branch and add weighted differences: exact when only one branch is left.
