@@ -1,0 +1,220 @@
+"""Command-line editing: ``python infer.py --image in.png --instruction "make it winter"``.
+
+Every output image gets a JSON sidecar with all parameters and the seed, so it can be reproduced exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+import ip2p
+from ip2p import images as img
+from ip2p.models import load_editor
+from ip2p.sampling import (
+    DEFAULT_IMAGE_GUIDANCE,
+    DEFAULT_SCHEDULER,
+    DEFAULT_STEPS,
+    DEFAULT_TEXT_GUIDANCE,
+    SCHEDULERS,
+    edit,
+    make_scheduler,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINT = "timbrooks/instruct-pix2pix"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="infer.py", description="Edit images by following written instructions.")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                   help="diffusers folder, single .safetensors file, or hub id (default: %(default)s)")
+    p.add_argument("--config-dir", help="local diffusers folder giving the architecture of a single-file checkpoint")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading a pickled .ckpt (with torch.load(weights_only=True)); off by default")
+    p.add_argument("--scale-source-latent", choices=("auto", "yes", "no"), default="auto",
+                   help="scale the source latent by the VAE factor (CosXL-style); auto: as the checkpoint says")
+    p.add_argument("--image", required=True, help="an image file, a folder of images, or a glob pattern")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--instruction", help="the edit instruction")
+    group.add_argument("--instructions-file", help="a text file with one instruction per line (applied to every image)")
+    p.add_argument("--output", help="output file (one edit) or folder (several); default edited.png / edits/")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps (default: %(default)s)")
+    p.add_argument("--text-guidance", type=float, default=DEFAULT_TEXT_GUIDANCE, help="s_T (default: %(default)s)")
+    p.add_argument("--image-guidance", type=float, default=DEFAULT_IMAGE_GUIDANCE, help="s_I (default: %(default)s)")
+    p.add_argument("--seed", type=int, help="random seed (a CPU generator; random and reported when absent)")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=DEFAULT_SCHEDULER,
+                   help="sampler (default: %(default)s)")
+    p.add_argument("--resolution", type=int, default=512, help="long side of the edited image (default: %(default)s)")
+    p.add_argument("--multiple", type=int, default=8, choices=(8, 16, 32, 64),
+                   help="round both sides to a multiple of this (64 as in the paper's app; default: %(default)s)")
+    p.add_argument("--keep-size", action="store_true", help="resize the result back to the input's original size")
+    p.add_argument("--max-pixels", type=int, default=img.DEFAULT_MAX_PIXELS, help="refuse larger input images")
+    p.add_argument("--num-images", type=int, default=1, help="outputs per input and instruction (default: 1)")
+    p.add_argument("--sweep", action="store_true",
+                   help="render a labelled grid over --sweep-text x --sweep-image (the paper's Fig. 4) instead")
+    p.add_argument("--sweep-text", default="3,5,7.5,10", help="comma-separated s_T values for --sweep")
+    p.add_argument("--sweep-image", default="1.0,1.2,1.5,1.8,2.2", help="comma-separated s_I values for --sweep")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: %(default)s)")
+    p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                   help="weights' precision; auto: fp16 on GPUs, fp32 on the CPU")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+@dataclass
+class EditJob:
+    """One (image, instruction) pair and where its outputs go."""
+
+    image_path: Path
+    instruction: str
+    outputs: list[Path] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    """Pick the device; a clear error when a GPU is asked for and missing."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible to PyTorch here; use --device cpu (slow) or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu or auto")
+    return device
+
+
+def parse_scales(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}={text!r} must be comma-separated numbers, e.g. 1.0,1.5,2.0") from None
+    if not values:
+        raise ValueError(f"{flag} is empty; give comma-separated numbers")
+    return values
+
+
+def read_instructions(args: argparse.Namespace) -> list[str]:
+    if args.instruction is not None:
+        if not args.instruction.strip():
+            raise ValueError("--instruction is empty; say what to change, e.g. --instruction 'make it winter'")
+        return [args.instruction]
+    path = Path(args.instructions_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--instructions-file {path}: no such file")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"--instructions-file {path} has no non-empty line")
+    return lines
+
+
+def plan_jobs(paths: list[Path], instructions: list[str], output: str | None, num_images: int, sweep: bool
+              ) -> list[EditJob]:
+    """Every image with every instruction; one output file, or a folder when there are several outputs."""
+    jobs = [EditJob(p, ins) for p in paths for ins in instructions]
+    single = len(jobs) == 1 and (num_images == 1 or sweep)
+    if single:
+        out = Path(output or ("sweep.png" if sweep else "edited.png"))
+        if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+            out = out / ("sweep.png" if sweep else f"{paths[0].stem}_edited.png")
+        jobs[0].outputs = [out]
+        return jobs
+    folder = Path(output or "edits")
+    if folder.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+        raise ValueError(f"--output {folder} is a file name, but this run writes {len(jobs) * num_images} images; "
+                         "give a folder")
+    for j, job in enumerate(jobs):
+        tag = f"{job.image_path.stem}_{j % len(instructions):03d}"
+        job.outputs = ([folder / f"{tag}_sweep.png"] if sweep
+                       else [folder / f"{tag}_{k}.png" for k in range(num_images)])
+    return jobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:
+        logger.error("error: %s", e)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.steps < 1:
+        raise ValueError(f"--steps {args.steps} must be at least 1")
+    if args.num_images < 1:
+        raise ValueError(f"--num-images {args.num_images} must be at least 1")
+    paths = img.expand_image_paths(args.image)
+    instructions = read_instructions(args)
+    sweep_text = parse_scales(args.sweep_text, "--sweep-text") if args.sweep else []
+    sweep_image = parse_scales(args.sweep_image, "--sweep-image") if args.sweep else []
+    jobs = plan_jobs(paths, instructions, args.output, args.num_images, args.sweep)
+    device = resolve_device(args.device)
+    dtype = DTYPES["fp16" if device.type != "cpu" else "fp32"] if args.dtype == "auto" else DTYPES[args.dtype]
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    if args.seed is None:
+        logger.info("seed: %d (pass --seed %d to reproduce)", seed, seed)
+
+    scale = {"auto": None, "yes": True, "no": False}[args.scale_source_latent]
+    model = load_editor(args.checkpoint, config_dir=args.config_dir, allow_pickle=args.allow_pickle,
+                        scale_source_latent=scale, expand=False, torch_dtype=dtype, device=device)
+    scheduler = make_scheduler(args.scheduler, model.scheduler.config)
+    multiple = max(args.multiple, model.vae_scale_factor)
+
+    settings = dict(checkpoint=str(args.checkpoint), steps=args.steps, scheduler=args.scheduler, seed=seed,
+                    resolution=args.resolution, multiple=multiple, dtype=str(dtype).removeprefix("torch."),
+                    scale_source_latent=model.scale_source_latent, ip2p_version=ip2p.__version__)
+    progress = tqdm(jobs, desc="images", disable=args.quiet or len(jobs) == 1)
+    for job in progress:
+        source = img.load_image(job.image_path, max_pixels=args.max_pixels)
+        resized = img.resize_for_model(source, args.resolution, multiple)
+        batch = img.images_to_batch([resized])
+
+        def run_edit(s_t: float, s_i: float, n: int) -> list:
+            started = time.perf_counter()
+            out = edit(model, batch, [job.instruction], steps=args.steps, text_guidance=s_t, image_guidance=s_i,
+                       generator=torch.Generator().manual_seed(seed), num_images_per_input=n, scheduler=scheduler,
+                       progress=not args.quiet)
+            logger.debug("edit took %.2fs", time.perf_counter() - started)
+            results = img.tensor_to_images(out)
+            if args.keep_size:
+                results = [r.resize(source.size, resample=Image.Resampling.LANCZOS) for r in results]
+            return results
+
+        record = dict(settings, image=str(job.image_path), instruction=job.instruction,
+                      input_size=list(source.size), model_size=list(resized.size))
+        if args.sweep:
+            rows = [[run_edit(s_t, s_i, 1)[0] for s_i in sweep_image] for s_t in sweep_text]
+            grid = img.make_grid(rows, row_labels=[f"s_T={v:g}" for v in sweep_text],
+                                 col_labels=[f"s_I={v:g}" for v in sweep_image], title=job.instruction)
+            _write(grid, job.outputs[0], dict(record, sweep_text=sweep_text, sweep_image=sweep_image))
+            continue
+        for k, (result, out_path) in enumerate(zip(run_edit(args.text_guidance, args.image_guidance,
+                                                            args.num_images), job.outputs)):
+            _write(result, out_path, dict(record, text_guidance=args.text_guidance,
+                                          image_guidance=args.image_guidance, num_images=args.num_images, index=k))
+    logger.info("wrote %d file(s): %s", sum(len(j.outputs) for j in jobs),
+                jobs[0].outputs[0] if len(jobs) == 1 else Path(jobs[0].outputs[0]).parent)
+    return 0
+
+
+def _write(image, path: Path, record: dict) -> None:
+    img.save_image(image, path)
+    sidecar = path.with_suffix(".json")
+    sidecar.write_text(json.dumps(record, indent=2) + "\n")
+

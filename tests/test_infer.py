@@ -1,0 +1,117 @@
+"""infer.py end to end: same picture as diffusers, many inputs, sweeps, sidecars, clear errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionInstructPix2PixPipeline
+from PIL import Image
+
+import infer
+from ip2p.export import save_single_file
+from ip2p.models import load_editor
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("img") / "in.png"
+    Image.fromarray((rng.random((24, 32, 3)) * 255).astype("uint8")).save(path)
+    return path
+
+
+def test_infer_gives_the_same_picture_as_diffusers(tiny_editor_dir, photo, tmp_path):
+    out = tmp_path / "out.png"
+    rc = infer.main(["--checkpoint", str(tiny_editor_dir), "--image", str(photo), "--instruction", "make it winter",
+                     "--output", str(out), "--seed", "0", "--steps", "10", "--scheduler", "euler_a",
+                     "--resolution", "32", "--quiet"])
+    assert rc == 0
+    from ip2p.sampling import make_scheduler
+
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(tiny_editor_dir)
+    pipe.scheduler = make_scheduler("euler_a", pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe("make it winter", image=Image.open(photo).convert("RGB"), num_inference_steps=10,
+                generator=torch.Generator().manual_seed(0)).images[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want))
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["seed"] == 0 and record["steps"] == 10 and record["scheduler"] == "euler_a"
+    assert record["text_guidance"] == 7.5 and record["image_guidance"] == 1.5
+    assert record["instruction"] == "make it winter" and record["input_size"] == [32, 24]
+
+
+def test_infer_many_images_and_instructions_to_a_folder(tiny_editor_dir, photo, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("a.png", "b.jpg"):
+        Image.open(photo).save(folder / name)
+    (tmp_path / "ins.txt").write_text("make it winter\n\nadd a hat\n")
+    rc = infer.main(["--checkpoint", str(tiny_editor_dir), "--image", str(folder), "--instructions-file",
+                     str(tmp_path / "ins.txt"), "--output", str(tmp_path / "edits"), "--steps", "2",
+                     "--num-images", "2", "--resolution", "32", "--keep-size", "--quiet"])
+    assert rc == 0
+    pngs = sorted(p.name for p in (tmp_path / "edits").glob("*.png"))
+    assert len(pngs) == 2 * 2 * 2  # images x instructions x outputs
+    sidecars = [json.loads(p.read_text()) for p in (tmp_path / "edits").glob("*.json")]
+    assert len({s["seed"] for s in sidecars}) == 1  # one random seed, reported for reproduction
+    assert {s["instruction"] for s in sidecars} == {"make it winter", "add a hat"}
+    assert Image.open(next((tmp_path / "edits").glob("*.png"))).size == (32, 24)
+
+
+def test_infer_sweep_writes_a_grid(tiny_editor_dir, photo, tmp_path):
+    out = tmp_path / "sweep.png"
+    rc = infer.main(["--checkpoint", str(tiny_editor_dir), "--image", str(photo), "--instruction", "x",
+                     "--output", str(out), "--steps", "1", "--sweep", "--sweep-text", "1,7.5",
+                     "--sweep-image", "1,1.5,2", "--resolution", "32", "--seed", "1", "--quiet"])
+    assert rc == 0
+    grid = Image.open(out)
+    assert grid.width > 3 * 32 and grid.height > 2 * 24
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["sweep_text"] == [1.0, 7.5] and record["sweep_image"] == [1.0, 1.5, 2.0]
+
+
+def test_infer_reads_a_single_file_checkpoint(tiny_sd_editor_dir, photo, tmp_path):
+    model = load_editor(tiny_sd_editor_dir, expand=False)
+    single = save_single_file(model, tmp_path / "model.safetensors")
+    args = ["--image", str(photo), "--instruction", "x", "--steps", "2", "--seed", "3", "--resolution", "32",
+            "--quiet"]
+    assert infer.main(["--checkpoint", str(single), "--config-dir", str(tiny_sd_editor_dir),
+                       "--output", str(tmp_path / "a.png"), *args]) == 0
+    assert infer.main(["--checkpoint", str(tiny_sd_editor_dir), "--output", str(tmp_path / "b.png"), *args]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"--image": "missing.png"}, "missing.png"),
+    ({"--instruction": " "}, "--instruction is empty"),
+    ({"--device": "cuda"}, "no CUDA GPU"),
+    ({"--steps": "0"}, "--steps 0"),
+    ({"--sweep": None, "--sweep-text": "a,b"}, "--sweep-text"),
+])
+def test_infer_errors_are_one_line(tiny_editor_dir, photo, tmp_path, caplog, extra, message):
+    if "--device" in extra and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    args = {"--checkpoint": str(tiny_editor_dir), "--image": str(photo), "--instruction": "x",
+            "--output": str(tmp_path / "o.png"), "--quiet": None, **extra}
+    argv = [a for k, v in args.items() for a in ([k] if v is None else [k, v])]
+    assert infer.main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors and message in errors[-1] and "\n" not in errors[-1]
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_infer_refuses_a_corrupt_image(tiny_editor_dir, tmp_path, caplog):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    rc = infer.main(["--checkpoint", str(tiny_editor_dir), "--image", str(bad), "--instruction", "x", "--quiet",
+                     "--output", str(tmp_path / "o.png")])
+    assert rc == 2
+    assert any("bad.png" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+
+
+def test_infer_refuses_a_base_model(tiny_base_dir, photo, tmp_path, caplog):
+    rc = infer.main(["--checkpoint", str(tiny_base_dir), "--image", str(photo), "--instruction", "x", "--quiet",
+                     "--output", str(tmp_path / "o.png")])
+    assert rc == 2
+    assert any("fine-tune it" in r.getMessage() for r in caplog.records)
