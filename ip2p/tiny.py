@@ -211,3 +211,85 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# --- Tiny CLIP and causal language models for the data-generation stages (ip2p.datagen, ip2p.eval.clip) ---
+# Defined after the entry point only because this file grows by appending; importing the module defines them all.
+
+# OpenAI CLIP's normalisation, what every CLIP ViT preprocessor config ships (transformers' OPENAI_CLIP_MEAN/STD).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def tiny_clip(seed: int = 0, image_size: int = 32, hidden_size: int = 32):
+    """A random CLIPModel (ViT with 8-pixel patches, 2 layers) and its character-level CLIPTokenizer.
+
+    Returns ``(model, tokenizer)``; the text tower uses the same vocabulary as ``tiny_tokenizer()``.
+    """
+    from transformers import CLIPConfig, CLIPModel
+
+    tokenizer = tiny_tokenizer()
+    vocab_size = len(tokenizer)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=37, num_attention_heads=4,
+                         num_hidden_layers=2, max_position_embeddings=77, bos_token_id=vocab_size - 2,
+                         eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1),
+        vision_config=dict(image_size=image_size, patch_size=8, hidden_size=hidden_size, intermediate_size=37,
+                           num_attention_heads=4, num_hidden_layers=2),
+        projection_dim=hidden_size,
+    )
+    torch.manual_seed(seed)
+    return CLIPModel(config).eval(), tokenizer
+
+
+def save_tiny_clip(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 32) -> Path:
+    """Write a tiny CLIP folder (model, tokenizer, preprocessor_config.json) that ``ClipScorer`` loads; returns it."""
+    out = Path(out_dir)
+    model, tokenizer = tiny_clip(seed=seed, image_size=image_size)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # Written by hand: transformers 5's CLIPImageProcessor wants torchvision, which ip2p does not need.
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
+        "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size}, "do_normalize": True,
+        "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "resample": 3,
+    }, indent=2))
+    return out
+
+
+def tiny_lm_tokenizer():
+    """A byte-level tokenizer with no merges (one token per byte) plus ``<|endoftext|>``, built offline.
+
+    Any text round-trips, including the newlines and ``##``/``%%`` markers of the data-generation prompt format.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {symbol: i for i, symbol in enumerate(_bytes_to_unicode())}
+    vocab["<|endoftext|>"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", model_max_length=512)
+
+
+def tiny_causal_lm(seed: int = 0, hidden_size: int = 64, layers: int = 2):
+    """A random GPT-2-style causal LM over ``tiny_lm_tokenizer()``'s 257 tokens; returns ``(model, tokenizer)``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = tiny_lm_tokenizer()
+    eos = tokenizer.eos_token_id
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=hidden_size, n_layer=layers, n_head=2,
+                        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config).eval(), tokenizer
+
+
+def save_tiny_causal_lm(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny causal LM folder that ``AutoModelForCausalLM``/``AutoTokenizer.from_pretrained`` load."""
+    out = Path(out_dir)
+    model, tokenizer = tiny_causal_lm(seed=seed)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

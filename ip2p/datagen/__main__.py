@@ -1,0 +1,5 @@
+"""``python -m ip2p.datagen``: see ``ip2p.datagen.cli``."""
+
+from ip2p.datagen.cli import main
+
+raise SystemExit(main())
