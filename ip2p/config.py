@@ -47,6 +47,7 @@ class DataConfig:
     path: str = ""
     """Dataset: hub id, save_to_disk folder, parquet folder/glob, .jsonl, imagefolder, or original seeds.json folder."""
     split: str = "train"
+    """Split to train on (for sources with several splits)."""
     source_column: str | None = None
     """Column of the image to edit (None: detect input_image / original_image / ...)."""
     instruction_column: str | None = None
@@ -60,8 +61,11 @@ class DataConfig:
     random_resize: list[int] = field(default_factory=lambda: [256, 288])
     """Resize the short side to a random size in [lo, hi] before cropping (paper: 256-288)."""
     random_crop: bool = True
+    """Random crop to resolution (False: center crop)."""
     random_flip: bool = True
+    """Random horizontal flip, applied identically to source and target."""
     shuffle: bool = True
+    """Shuffle the example order each epoch (streaming: a seeded shuffle buffer)."""
     num_workers: int = 2
     """DataLoader worker processes per training process."""
     cache: str = "none"
@@ -75,13 +79,21 @@ class TrainConfig:
     batch_size: int = 4
     """Examples per process per micro-step; global batch = batch_size x processes x gradient_accumulation."""
     gradient_accumulation: int = 1
+    """Micro-steps per optimizer step."""
     lr: float = 1e-4
+    """AdamW learning rate (paper: 1e-4; single-GPU fine-tuning: 5e-5)."""
     lr_schedule: str = "constant"
+    """constant, constant_with_warmup, linear, cosine, cosine_with_restarts or polynomial (diffusers)."""
     lr_warmup_steps: int = 0
+    """Linear warm-up steps (paper: none)."""
     weight_decay: float = 0.01
+    """AdamW weight decay."""
     adam_beta1: float = 0.9
+    """AdamW beta1."""
     adam_beta2: float = 0.999
+    """AdamW beta2."""
     adam_eps: float = 1e-8
+    """AdamW epsilon."""
     optimizer: str = "adamw"
     """adamw or adamw8bit (needs bitsandbytes)."""
     max_grad_norm: float = 1.0
@@ -91,7 +103,9 @@ class TrainConfig:
     condition_dropout: float = 0.05
     """p: drop text, image, or both, each with probability p (SPEC section 2)."""
     ema: bool = True
+    """Keep an EMA of the UNet weights; the final export uses it."""
     ema_decay: float = 0.9999
+    """EMA decay, ramped as min(decay, (1 + n) / (10 + n)) (orig code)."""
     snr_gamma: float = 0.0
     """Min-SNR loss weighting gamma (0 disables; 5 is the usual value)."""
     noise_offset: float = 0.0
@@ -101,6 +115,7 @@ class TrainConfig:
     checkpoints_total_limit: int = 3
     """Keep at most this many checkpoints (0: keep all)."""
     log_every: int = 10
+    """Log loss, lr and throughput to the trackers every N optimizer steps."""
     final_single_file: bool = True
     """Also export <output_dir>/final.safetensors in the original SD layout (SD-shaped models only)."""
 
@@ -114,11 +129,17 @@ class ValidationConfig:
     instructions: list[str] = field(default_factory=list)
     """One instruction per image (or a single one for all)."""
     steps: int = 20
+    """Sampling steps for validation edits."""
     text_guidance: float = 7.5
+    """Text guidance scale s_T for validation edits."""
     image_guidance: float = 1.5
+    """Image guidance scale s_I for validation edits."""
     scheduler: str = "euler_a"
+    """Sampler for validation edits (see infer.py --scheduler)."""
     seed: int = 0
+    """Seed of the validation edits' noise."""
     resolution: int = 256
+    """Long side of validation inputs."""
 
 
 @dataclass

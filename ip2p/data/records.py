@@ -64,7 +64,8 @@ __all__ = ["ACCEPTED_FORMATS", "Records", "open_records"]
 
 ACCEPTED_FORMATS = (
     "a hub dataset id (owner/name), a save_to_disk folder, a .parquet file, folder or glob, a .jsonl/.json "
-    "file, folder or glob, an imagefolder with metadata.jsonl, or an InstructPix2Pix folder with seeds.json"
+    "file, folder or glob, an imagefolder with metadata.jsonl, an InstructPix2Pix folder with seeds.json, or the "
+    "built-in 'synthetic' (synthetic:n=2000,size=64,seed=0)"
 )
 
 # Rows per Arrow batch read from a dataset: large enough to amortise Arrow -> Python conversion, small enough
@@ -514,6 +515,11 @@ def open_records(path: str | os.PathLike, *, split: str = "train", columns: Colu
     if not text:
         raise FileNotFoundError(f"data.path is empty; {ACCEPTED_FORMATS}")
     cache = os.fspath(cache_dir) if cache_dir is not None else None
+    if text == "synthetic" or text.startswith("synthetic:"):
+        # The built-in edit task: generated locally once, then read like any parquet dataset.
+        from ip2p.synthetic import builtin_dataset
+
+        text = os.fspath(builtin_dataset(text))
     local = os.path.expanduser(text)
     if glob.has_magic(local):
         return _file_records(glob.glob(local, recursive=True), text, split=split, columns=columns,

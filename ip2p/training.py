@@ -1,0 +1,545 @@
+"""Fine-tuning loop: train step, EMA, checkpoints, validation, final export (SPEC sections 2 and 3).
+
+Determinism across process counts: every per-example random draw (timestep, dropout, noise, VAE posterior sample,
+augmentation) comes from a generator keyed by (seed, global example index), and each process takes its slice of the
+same global batch, so 1 process and N processes reach the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import ip2p
+from ip2p import config as cfgmod
+from ip2p.conditioning import apply_dropout, dropout_masks, encode_source, encode_target, encode_text
+from ip2p.config import Config
+from ip2p.models import expand_conv_in, load_components
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
+TRAIN_PURPOSE = 1  # example_generator stream for the train step's draws (augmentation uses another)
+
+
+# ---- EMA ---------------------------------------------------------------------------------------------------------
+
+class EMA:
+    """Exponential moving average of parameters with the warm-up ramp min(decay, (1 + n) / (10 + n)) (orig code)."""
+
+    def __init__(self, parameters, decay: float = 0.9999):
+        self.decay = decay
+        self.num_updates = 0
+        self.shadow = [p.detach().float().clone() for p in parameters]
+
+    def current_decay(self) -> float:
+        n = self.num_updates
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def step(self, parameters) -> None:
+        d = self.current_decay()
+        for s, p in zip(self.shadow, parameters):
+            s.mul_(d).add_(p.detach().float(), alpha=1 - d)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, parameters) -> None:
+        for s, p in zip(self.shadow, parameters):
+            p.copy_(s.to(p.dtype))
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        self.num_updates = int(state["num_updates"])
+        if len(state["shadow"]) != len(self.shadow):
+            raise ValueError(f"EMA state has {len(state['shadow'])} tensors; the model has {len(self.shadow)}")
+        self.shadow = [s.float().clone() for s in state["shadow"]]
+
+
+# ---- pure pieces of the train step ---------------------------------------------------------------------------------
+
+@dataclass
+class StepDraws:
+    """Per-example random draws for one micro-batch, each row from its own example's generator."""
+
+    timesteps: torch.Tensor  # (B,) int64
+    dropout_r: torch.Tensor  # (B,) in [0, 1)
+    noise: torch.Tensor  # (B, C, h, w)
+    posterior: list[torch.Generator]  # generators left positioned for the VAE posterior sample
+    offset: torch.Tensor  # (B, C, 1, 1)
+
+
+def draw_step(indices: list[int], seed: int, num_timesteps: int, latent_shape: tuple[int, int, int]) -> StepDraws:
+    """Draw timestep, dropout uniform, noise and offset noise for each global example index, in a fixed order."""
+    from ip2p.data import example_generator
+
+    ts, rs, noise, offset, gens = [], [], [], [], []
+    for index in indices:
+        g = example_generator(seed, int(index), TRAIN_PURPOSE)
+        ts.append(torch.randint(0, num_timesteps, (1,), generator=g))
+        rs.append(torch.rand(1, generator=g))
+        noise.append(torch.randn(latent_shape, generator=g))
+        offset.append(torch.randn(latent_shape[0], 1, 1, generator=g))
+        gens.append(g)
+    return StepDraws(torch.cat(ts), torch.cat(rs), torch.stack(noise), gens, torch.stack(offset))
+
+
+def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for epsilon or v targets. Returns (B,)."""
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alphas / (1 - alphas)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+def per_example_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per example, in float32. (B, ...) -> (B,)."""
+    return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------------------
+
+def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints (a folder only gets its final name once fully written), oldest first."""
+    root = checkpoint_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir() and (p / "ip2p_state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            logger.info("resume=latest: no checkpoint in %s yet, starting from scratch", checkpoint_dir(output_dir))
+            return None
+        return found[-1][1]
+    path = Path(resume)
+    if not (path / "ip2p_state.json").is_file():
+        raise FileNotFoundError(f"resume={resume!r} is not a checkpoint folder (no ip2p_state.json); use 'latest' "
+                                f"or a path like {checkpoint_dir(output_dir)}/step-000100")
+    return path
+
+
+# ---- the loop ------------------------------------------------------------------------------------------------------
+
+class _Preemption:
+    """SIGTERM (cluster preemption) sets a flag; the loop saves a checkpoint at the next step boundary and exits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_Preemption":
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. a notebook helper thread): no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _set_attention(unet, kind: str) -> None:
+    if kind == "xformers":
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise ValueError("model.attention=xformers but xformers is not installed; pip install xformers, or use "
+                             "model.attention=sdpa (the default)") from None
+        unet.enable_xformers_memory_efficient_attention()
+    # sdpa: diffusers' default processors already use torch's scaled_dot_product_attention.
+
+
+def _make_optimizer(cfg: Config, params):
+    t = cfg.train
+    kwargs = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError("train.optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes); "
+                             "or use train.optimizer=adamw") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+class Trainer:
+    """Holds the run's state; ``run()`` trains to ``train.max_steps`` and exports the final model."""
+
+    def __init__(self, cfg: Config):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        trackers = list(cfg.trackers)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        # Accelerate only sets up multi-process CPU training (gloo) when told it runs on the CPU; without this,
+        # `torchrun` on a machine with no accelerator would start independent single-process runs.
+        cpu = world > 1 and not torch.accelerator.is_available()
+        self.accelerator = Accelerator(
+            cpu=cpu,
+            mixed_precision=cfg.train.mixed_precision,
+            gradient_accumulation_steps=cfg.train.gradient_accumulation,
+            log_with=trackers or None,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
+        )
+        set_seed(cfg.seed)
+        acc = self.accelerator
+        if world != acc.num_processes:
+            raise ValueError(f"WORLD_SIZE={world} processes were launched but Accelerate set up {acc.num_processes}; "
+                             "launch with `accelerate launch` or `torchrun`, and check the Accelerate config")
+        self.is_main = acc.is_main_process
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            cfgmod.save(cfg, self.out / "config.yaml")
+
+        components, _ = load_components(cfg.model.pretrained, config_dir=cfg.model.config_dir)
+        self.tokenizer = components["tokenizer"]
+        self.base_scheduler_config = dict(components["scheduler"].config)
+        if cfg.model.prediction_type:
+            self.base_scheduler_config["prediction_type"] = cfg.model.prediction_type
+        from diffusers import DDPMScheduler
+
+        self.noise_scheduler = DDPMScheduler.from_config(self.base_scheduler_config)
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        if self.prediction_type not in cfgmod.PREDICTION_TYPES:
+            raise ValueError(f"prediction type {self.prediction_type!r} of {cfg.model.pretrained} is not supported; "
+                             f"set model.prediction_type to one of {', '.join(cfgmod.PREDICTION_TYPES)}")
+
+        unet = components["unet"]
+        self.latent_channels = int(components["vae"].config.latent_channels)
+        # Every rank expands identically (zeros and copies), so all start from the same weights.
+        expand_conv_in(unet, self.latent_channels)
+        _set_attention(unet, cfg.model.attention)
+        if cfg.model.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+            cfg.train.mixed_precision]
+        self.vae = components["vae"].requires_grad_(False).eval()
+        self.text_encoder = components["text_encoder"].requires_grad_(False).eval()
+        for frozen in (self.vae, self.text_encoder):
+            # The frozen encoders run in the mixed-precision dtype; only the trained UNet keeps fp32 master weights.
+            frozen.to(acc.device, **({} if self.weight_dtype == torch.float32 else {"dtype": self.weight_dtype}))
+        unet.to(acc.device)
+
+        self.ema = EMA(unet.parameters(), cfg.train.ema_decay) if cfg.train.ema else None
+        optimizer = _make_optimizer(cfg, unet.parameters())
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(cfg.train.lr_schedule, optimizer=optimizer,
+                                          num_warmup_steps=cfg.train.lr_warmup_steps,
+                                          num_training_steps=cfg.train.max_steps)
+        # The LR scheduler is stepped by hand once per optimizer step (accelerate would step it once per process).
+        self.unet, self.optimizer = acc.prepare(unet, optimizer)
+        acc.register_for_checkpointing(self.lr_scheduler)
+        if self.ema is not None:
+            acc.register_for_checkpointing(self.ema)
+
+        self.null_text = encode_text(self.text_encoder, self.tokenizer, [""])  # (1, L, D), computed once
+        self.text_cache: dict[str, torch.Tensor] = {}
+        self.global_step = 0
+        self.samples_seen = 0
+        self.bad_records = 0
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # -- data --
+    def _batches(self, start_step: int):
+        from ip2p.data import AugmentConfig, ColumnMap, EditBatches, make_dataloader, open_records
+
+        d = self.cfg.data
+        records = open_records(d.path, split=d.split, streaming=d.streaming,
+                               columns=ColumnMap(d.source_column, d.instruction_column, d.target_column))
+        augment = AugmentConfig(resolution=d.resolution, random_resize=tuple(d.random_resize),
+                                random_crop=d.random_crop, random_flip=d.random_flip)
+        batches = EditBatches(records, batch_size=self.cfg.train.batch_size, rank=self.accelerator.process_index,
+                              world_size=self.accelerator.num_processes, seed=self.cfg.seed, augment=augment,
+                              shuffle=d.shuffle, start_step=start_step, num_workers=d.num_workers)
+        return make_dataloader(batches, num_workers=d.num_workers)
+
+    def _encode_instructions(self, instructions: list[str]) -> torch.Tensor:
+        if self.cfg.data.cache == "none":
+            return encode_text(self.text_encoder, self.tokenizer, instructions)
+        missing = sorted({s for s in instructions if s not in self.text_cache})
+        if missing:
+            for s, e in zip(missing, encode_text(self.text_encoder, self.tokenizer, missing)):
+                self.text_cache[s] = e
+        return torch.stack([self.text_cache[s] for s in instructions])
+
+    # -- one micro-step --
+    def micro_step(self, batch: dict) -> torch.Tensor:
+        """Forward/backward one per-process micro-batch; returns the detached per-process loss."""
+        cfg, acc = self.cfg, self.accelerator
+        device = acc.device
+        source = batch["source"].to(device, dtype=self.weight_dtype)
+        target = batch["target"].to(device, dtype=self.weight_dtype)
+        valid = batch["valid"].to(device)
+        indices = batch["index"].tolist()
+        b = source.shape[0]
+        h, w = source.shape[-2] // self.vae_scale, source.shape[-1] // self.vae_scale
+        draws = draw_step(indices, cfg.seed, self.noise_scheduler.config.num_train_timesteps,
+                          (self.latent_channels, h, w))
+        with torch.no_grad():
+            text = self._encode_instructions(list(batch["instruction"]))
+            src_lat = encode_source(self.vae, source, scale=cfg.model.scale_source_latent).float()
+            tgt_lat = encode_target(self.vae, target, draws.posterior).float()
+        noise = draws.noise.to(device)
+        if cfg.train.noise_offset:
+            noise = noise + cfg.train.noise_offset * draws.offset.to(device)
+        timesteps = draws.timesteps.to(device)
+        drop_text, drop_image = dropout_masks(draws.dropout_r, cfg.train.condition_dropout)
+        text, src_lat = apply_dropout(text, self.null_text, src_lat, drop_text, drop_image)
+        noisy = self.noise_scheduler.add_noise(tgt_lat, noise, timesteps)
+        if self.prediction_type == "v_prediction":
+            goal = self.noise_scheduler.get_velocity(tgt_lat, noise, timesteps)
+        else:
+            goal = noise
+        weights = valid.float()
+        if cfg.train.snr_gamma:
+            weights = weights * snr_weights(self.noise_scheduler, timesteps, cfg.train.snr_gamma,
+                                            self.prediction_type)
+        with acc.accumulate(self.unet):
+            with acc.autocast():
+                pred = self.unet(torch.cat([noisy, src_lat], 1), timesteps, encoder_hidden_states=text).sample
+            # Divide by the per-process batch: DDP's gradient mean over processes then gives the global-batch mean.
+            loss = (per_example_mse(pred, goal) * weights).sum() / b
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.train.max_grad_norm > 0:
+                acc.clip_grad_norm_(self.unet.parameters(), cfg.train.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    # -- checkpoints --
+    def save_checkpoint(self) -> Path:
+        """Write the full training state to a temporary folder, then rename it: a kill never leaves a broken one."""
+        acc = self.accelerator
+        root = checkpoint_dir(self.out)
+        final = root / f"step-{self.global_step:06d}"
+        tmp = root / f".tmp-step-{self.global_step:06d}"
+        if self.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        acc.wait_for_everyone()  # every rank writes its RNG state; rename only once all are done
+        if self.is_main:
+            cfgmod.save(self.cfg, tmp / "config.yaml")
+            state = {"step": self.global_step, "samples_seen": self.samples_seen, "bad_records": self.bad_records,
+                     "data_step": self.global_step * self.cfg.train.gradient_accumulation,
+                     "ip2p_version": ip2p.__version__}
+            (tmp / "ip2p_state.json").write_text(json.dumps(state, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._prune()
+            logger.info("saved checkpoint %s", final)
+        acc.wait_for_everyone()
+        return final
+
+    def _prune(self) -> None:
+        limit = self.cfg.train.checkpoints_total_limit
+        found = list_checkpoints(self.out)
+        if limit > 0 and len(found) > limit:
+            for _, path in found[: len(found) - limit]:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def load_checkpoint(self, path: Path) -> None:
+        self.accelerator.load_state(str(path))
+        state = json.loads((path / "ip2p_state.json").read_text())
+        self.global_step = int(state["step"])
+        self.samples_seen = int(state.get("samples_seen", 0))
+        self.bad_records = int(state.get("bad_records", 0))
+        logger.info("resumed from %s at step %d", path, self.global_step)
+
+    # -- validation --
+    def validate(self) -> Path | None:
+        from ip2p import images as img
+        from ip2p.models import EditorModel
+        from ip2p.sampling import edit, make_scheduler
+
+        v = self.cfg.validation
+        if not v.images or not self.is_main:
+            return None
+        unet = self.accelerator.unwrap_model(self.unet)
+        was_training = unet.training
+        unet.eval()
+        model = EditorModel(unet, self.vae, self.text_encoder, self.tokenizer,
+                            make_scheduler(v.scheduler, self.base_scheduler_config),
+                            scale_source_latent=self.cfg.model.scale_source_latent)
+        instructions = v.instructions * len(v.images) if len(v.instructions) == 1 else list(v.instructions)
+        rows, labels = [], []
+        for path, instruction in zip(v.images, instructions):
+            source = img.resize_for_model(img.load_image(path), v.resolution, max(8, self.vae_scale))
+            with self.accelerator.autocast():
+                out = edit(model, img.images_to_batch([source]), [instruction], steps=v.steps,
+                           text_guidance=v.text_guidance, image_guidance=v.image_guidance, scheduler=model.scheduler,
+                           generator=torch.Generator().manual_seed(v.seed), progress=False)
+            rows.append([source, img.tensor_to_images(out.float())[0]])
+            labels.append(instruction)
+        unet.train(was_training)
+        grid = img.make_grid(rows, row_labels=labels, col_labels=["input", f"step {self.global_step}"])
+        path = self.out / "validation" / f"step-{self.global_step:06d}.png"
+        img.save_image(grid, path)
+        self._log_image(grid)
+        return path
+
+    def _log_image(self, grid) -> None:
+        import numpy as np
+
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("validation", np.asarray(grid), self.global_step, dataformats="HWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"validation": [wandb.Image(grid)]}, step=self.global_step)
+
+    # -- export --
+    def export_final(self) -> Path:
+        from ip2p.export import save_pipeline_folder, save_single_file
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        final = self.out / "final"
+        if self.is_main:
+            import copy
+
+            from diffusers import DDPMScheduler
+
+            unet = copy.deepcopy(acc.unwrap_model(self.unet)).float().eval()
+            if self.ema is not None:
+                self.ema.copy_to(unet.parameters())
+            import diffusers
+
+            cls = getattr(diffusers, self.base_scheduler_config.get("_class_name", ""), DDPMScheduler)
+            components = SimpleNamespace(unet=unet, vae=self.vae.float(), text_encoder=self.text_encoder.float(),
+                                         tokenizer=self.tokenizer, scheduler=cls.from_config(self.base_scheduler_config),
+                                         scale_source_latent=self.cfg.model.scale_source_latent)
+            meta = {"config": cfgmod.to_dict(self.cfg), "step": self.global_step, "ema": self.ema is not None}
+            save_pipeline_folder(components, final, ip2p_metadata=meta)
+            logger.info("exported %s weights as a diffusers folder: %s", "EMA" if self.ema else "final", final)
+            if self.cfg.train.final_single_file:
+                try:
+                    single = save_single_file(components, self.out / "final.safetensors", ip2p_metadata=meta)
+                    logger.info("exported the single file %s", single)
+                except ValueError as e:
+                    logger.warning("skipped the single-file export: %s", e)
+        acc.wait_for_everyone()
+        return final
+
+    # -- main loop --
+    def run(self) -> Path:
+        cfg, acc = self.cfg, self.accelerator
+        resume = resolve_resume(cfg.resume, cfg.output_dir)
+        if resume is not None:
+            self.load_checkpoint(resume)
+        # wandb writes its run (offline too, with WANDB_MODE=offline) inside the run folder, not the working directory.
+        acc.init_trackers("ip2p", config=_flat(cfgmod.to_dict(cfg)),
+                          init_kwargs={"wandb": {"dir": str(self.out), "name": self.out.name}})
+        accum = cfg.train.gradient_accumulation
+        global_batch = cfg.train.batch_size * acc.num_processes * accum
+        loader = iter(self._batches(self.global_step * accum))
+        bar = tqdm(total=cfg.train.max_steps, initial=self.global_step, disable=not self.is_main, desc="training",
+                   dynamic_ncols=True)
+        started, start_step = time.perf_counter(), self.global_step
+        with _Preemption() as preempt:
+            while self.global_step < cfg.train.max_steps:
+                losses = []
+                for _ in range(accum):
+                    batch = next(loader)
+                    self.bad_records += int(batch["num_bad"])
+                    for reason in batch.get("bad_reasons", [])[:3]:
+                        logger.warning("skipped a bad record: %s", reason)
+                    losses.append(self.micro_step(batch))
+                self.lr_scheduler.step()
+                if self.ema is not None:
+                    self.ema.step(acc.unwrap_model(self.unet).parameters())
+                self.global_step += 1
+                self.samples_seen += global_batch
+                loss = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at step {self.global_step}; lower train.lr or use "
+                                             "train.mixed_precision=bf16 instead of fp16")
+                lr = self.lr_scheduler.get_last_lr()[0]
+                elapsed = time.perf_counter() - started
+                rate = (self.global_step - start_step) * global_batch / max(elapsed, 1e-9)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", bad=self.bad_records)
+                bar.update(1)
+                if self.global_step % cfg.train.log_every == 0 or self.global_step == cfg.train.max_steps:
+                    acc.log({"loss": loss, "lr": lr, "samples_per_s": rate, "bad_records": self.bad_records},
+                            step=self.global_step)
+                if cfg.validation.every and self.global_step % cfg.validation.every == 0:
+                    self.validate()
+                stop = self._preempted(preempt)
+                if stop or (cfg.train.checkpoint_every and self.global_step % cfg.train.checkpoint_every == 0):
+                    self.save_checkpoint()
+                if stop:
+                    logger.warning("SIGTERM: saved a checkpoint at step %d; resume with resume=latest",
+                                   self.global_step)
+                    bar.close()
+                    acc.end_training()
+                    raise SystemExit(143)
+        bar.close()
+        if self.bad_records:
+            logger.warning("skipped %d bad records in total", self.bad_records)
+        if not list_checkpoints(self.out) or list_checkpoints(self.out)[-1][0] != self.global_step:
+            self.save_checkpoint()
+        final = self.export_final()
+        acc.end_training()
+        return final
+
+    def _preempted(self, preempt: _Preemption) -> bool:
+        flag = torch.tensor(float(preempt.requested), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
+
+
+def train(cfg: Config) -> Path:
+    """Train with ``cfg``; returns the folder of the exported final model."""
+    return Trainer(cfg).run()

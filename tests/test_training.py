@@ -1,0 +1,243 @@
+"""Training end to end: loss goes down, checkpoints are atomic and resumable, any process count gives the same weights."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionInstructPix2PixPipeline
+from safetensors.torch import load_file
+
+import train
+from ip2p.config import load_config
+from ip2p.training import EMA, Trainer, draw_step, list_checkpoints, per_example_mse, resolve_resume, snr_weights
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each in-process run starts from a clean slate."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A small synthetic edit dataset written once (the same data path a user's parquet folder takes)."""
+    from ip2p.synthetic import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("data") / "synthetic", n_train=48, n_test=4, seed=0, size=32)
+
+
+def overrides(out, data_dir, *extra):
+    return [f"output_dir={out}", "model.pretrained=tiny", f"data.path={data_dir}", "data.resolution=16",
+            "data.random_resize=[16,20]", "data.num_workers=0", "train.batch_size=4", "train.max_steps=4",
+            "train.lr=1e-3", "train.checkpoint_every=2", "train.log_every=1", "trackers=[]",
+            "train.final_single_file=false", *extra]
+
+
+def unet_weights(folder: Path) -> dict:
+    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+# ---- pure pieces ----------------------------------------------------------------------------------------------
+
+def test_ema_ramp_and_state_round_trip():
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    ema = EMA(p, decay=0.9999)
+    assert ema.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+    with torch.no_grad():
+        p[0].fill_(1.0)
+    ema.step(p)
+    assert torch.allclose(ema.shadow[0], torch.full((3,), 0.9))
+    assert ema.current_decay() == pytest.approx(2 / 11)
+    other = EMA(p)
+    other.load_state_dict(ema.state_dict())
+    assert other.num_updates == 1 and torch.equal(other.shadow[0], ema.shadow[0])
+
+
+def test_draws_depend_only_on_seed_and_example_index():
+    a = draw_step([5, 9], seed=1, num_timesteps=1000, latent_shape=(4, 2, 2))
+    b = draw_step([9], seed=1, num_timesteps=1000, latent_shape=(4, 2, 2))
+    assert a.timesteps[1] == b.timesteps[0] and torch.equal(a.noise[1], b.noise[0])
+    assert a.dropout_r[1] == b.dropout_r[0]
+    c = draw_step([9], seed=2, num_timesteps=1000, latent_shape=(4, 2, 2))
+    assert not torch.equal(b.noise, c.noise)
+
+
+def test_min_snr_weights_and_loss():
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler()
+    t = torch.tensor([1, 500, 999])
+    w = snr_weights(sched, t, 5.0, "epsilon")
+    assert w[0] < 1.0 and w[2] == pytest.approx(1.0)  # high SNR clipped, low SNR untouched (epsilon)
+    assert per_example_mse(torch.ones(2, 3), torch.zeros(2, 3)).tolist() == [1.0, 1.0]
+
+
+# ---- end to end -------------------------------------------------------------------------------------------------
+
+def test_train_main_end_to_end_exports_a_loadable_editor(tmp_path, data_dir):
+    out = tmp_path / "run"
+    img = ROOT / "configs" / "examples" / "scene0.png"
+    rc = train.main(overrides(out, data_dir, "trackers=[tensorboard]", "validation.every=2",
+                              f"validation.images=[{img}]", "validation.instructions=[turn the star cyan]",
+                              "validation.steps=2", "validation.resolution=32", "train.final_single_file=true",
+                              "model.prediction_type=v_prediction"))
+    assert rc == 0
+    assert (out / "config.yaml").is_file() and load_config(out / "config.yaml").train.max_steps == 4
+    assert [s for s, _ in list_checkpoints(out)] == [2, 4]
+    assert (out / "validation" / "step-000002.png").is_file() and (out / "validation" / "step-000004.png").is_file()
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(out / "final")
+    assert pipe.unet.config.in_channels == 8 and pipe.scheduler.config.prediction_type == "v_prediction"
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("x", image=torch.rand(1, 3, 16, 16), num_inference_steps=2, output_type="pt").images
+    assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
+    assert (out / "final.safetensors").is_file()
+    # EMA weights are what gets exported: they differ from the raw weights in the last checkpoint.
+    raw = load_file(out / "checkpoints" / "step-000004" / "model.safetensors")
+    assert max_diff(raw, unet_weights(out / "final")) > 0
+
+
+def test_loss_falls_when_overfitting(tmp_path, data_dir):
+    cfg = load_config(None, overrides(tmp_path / "fit", data_dir, "train.max_steps=30", "train.checkpoint_every=0",
+                                      "train.condition_dropout=0", "data.shuffle=false", "train.ema=false"))
+    trainer = Trainer(cfg)
+    batch = next(iter(trainer._batches(0)))
+    # The same batch (and the same per-example noise and timesteps) every step: the loss must fall.
+    losses = [trainer.micro_step(batch).item() for _ in range(30)]
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_fine_tunes_an_8_channel_editor(tmp_path, data_dir, tiny_editor_dir):
+    out = tmp_path / "run8"
+    assert train.main(overrides(out, data_dir, f"model.pretrained={tiny_editor_dir}", "train.max_steps=2",
+                                "train.ema=false")) == 0
+    before = load_file(Path(tiny_editor_dir) / "unet" / "diffusion_pytorch_model.safetensors")
+    after = unet_weights(out / "final")
+    assert after["conv_in.weight"].shape[1] == 8
+    assert max_diff(before, after) > 0
+
+
+def test_bad_config_and_missing_data_are_clear_errors(tmp_path, caplog):
+    assert train.main([f"output_dir={tmp_path}", "train.max_step=3"]) == 2
+    assert "did you mean 'max_steps'" in caplog.text
+    caplog.clear()
+    assert train.main(overrides(tmp_path / "r", tmp_path / "no-such-data")) == 2
+    assert "no-such-data" in caplog.text
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, data_dir):
+    full = tmp_path / "full"
+    assert train.main(overrides(full, data_dir, "train.max_steps=4")) == 0
+    part = tmp_path / "part"
+    assert train.main(overrides(part, data_dir, "train.max_steps=2")) == 0
+    assert train.main(overrides(part, data_dir, "train.max_steps=4", "resume=latest")) == 0
+    assert max_diff(unet_weights(full / "final"), unet_weights(part / "final")) <= 1e-6
+    raw_full = load_file(full / "checkpoints" / "step-000004" / "model.safetensors")
+    raw_part = load_file(part / "checkpoints" / "step-000004" / "model.safetensors")
+    assert max_diff(raw_full, raw_part) <= 1e-6
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        resolve_resume(str(tmp_path), str(full))
+
+
+def _env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def test_sigkill_after_a_checkpoint_then_resume_matches(tmp_path, data_dir):
+    full = tmp_path / "full"
+    assert train.main(overrides(full, data_dir, "train.max_steps=6", "train.checkpoint_every=3")) == 0
+    killed = tmp_path / "killed"
+    args = overrides(killed, data_dir, "train.max_steps=6", "train.checkpoint_every=3")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], env=_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list_checkpoints(killed) and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    found = list_checkpoints(killed)
+    assert found and found[-1][0] == 3, "the run was killed before its first checkpoint"
+    assert not (killed / "final").exists()
+    assert train.main([*args, "resume=latest"]) == 0
+    assert max_diff(unet_weights(full / "final"), unet_weights(killed / "final")) <= 1e-6
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, data_dir):
+    out = tmp_path / "term"
+    args = overrides(out, data_dir, "train.max_steps=100000", "train.checkpoint_every=2",
+                     "train.checkpoints_total_limit=0")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], env=_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list_checkpoints(out) and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, log = proc.communicate(timeout=300)
+    assert proc.returncode == 143, log[-2000:]
+    found = list_checkpoints(out)
+    # The periodic checkpoint at step 2 was there before SIGTERM; SIGTERM added a newer one at a step boundary.
+    assert found[0][0] == 2 and found[-1][0] > 2
+    state = json.loads((found[-1][1] / "ip2p_state.json").read_text())
+    assert state["step"] == found[-1][0]
+    assert "resume with resume=latest" in log
+
+
+def test_interrupted_checkpoint_write_leaves_latest_intact(tmp_path, data_dir, monkeypatch):
+    out = tmp_path / "atomic"
+    assert train.main(overrides(out, data_dir, "train.max_steps=2")) == 0
+    cfg = load_config(None, overrides(out, data_dir, "train.max_steps=4", "resume=latest"))
+    trainer = Trainer(cfg)
+    trainer.load_checkpoint(resolve_resume("latest", str(out)))
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trainer.accelerator, "save_state", boom)
+    trainer.global_step = 3
+    with pytest.raises(OSError):
+        trainer.save_checkpoint()
+    found = list_checkpoints(out)
+    assert [s for s, _ in found] == [2]
+    assert resolve_resume("latest", str(out)) == found[-1][1]
+    assert (found[-1][1] / "model.safetensors").is_file()
+
+
+def test_two_processes_match_one(tmp_path, data_dir):
+    """torchrun with 2 CPU processes (gloo) and half the per-process batch ends with the same weights.
+
+    At the paper's lr (1e-4): Adam turns float-rounding differences in near-zero gradients (batch-size dependent
+    kernels, the all-reduce's summation order) into updates of up to 2 x lr, so the bound scales with lr.
+    """
+    common = ("train.max_steps=2", "train.checkpoint_every=0", "train.lr=1e-4")
+    one = tmp_path / "one"
+    assert train.main(overrides(one, data_dir, *common, "train.batch_size=4")) == 0
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "train.py"), *overrides(two, data_dir, *common, "train.batch_size=2")]
+    result = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert max_diff(unet_weights(one / "final"), unet_weights(two / "final")) <= 1e-5
+    # The bound has teeth: another seed (other noise, timesteps, dropout) moves the weights far more.
+    other = tmp_path / "other"
+    assert train.main(overrides(other, data_dir, *common, "train.batch_size=4", "seed=1")) == 0
+    assert max_diff(unet_weights(one / "final"), unet_weights(other / "final")) > 1e-4
