@@ -81,3 +81,9 @@ def test_reference_documents_every_key():
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert cfg.train.max_steps >= 1
+
+
+def test_configs_readme_documents_every_key():
+    readme = (Path(__file__).resolve().parent.parent / "configs" / "README.md").read_text()
+    missing = [key for key, _, _ in cfgmod.reference() if f"`{key}`" not in readme]
+    assert not missing, f"configs/README.md lacks {missing}; regenerate its table from ip2p.config.reference()"
