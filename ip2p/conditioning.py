@@ -47,6 +47,21 @@ def encode_source(vae, images: torch.Tensor, *, scale: bool = False) -> torch.Te
 
 
 @torch.no_grad()
+def encode_posterior(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of the VAE posterior, unscaled. images: (B, 3, H, W) in [-1, 1]."""
+    vae_dtype = next(vae.parameters()).dtype
+    dist = vae.encode(images.to(device=vae.device, dtype=vae_dtype)).latent_dist
+    return dist.mean, dist.std
+
+
+def sample_posterior(vae, mean: torch.Tensor, std: torch.Tensor,
+                     generators: list[torch.Generator] | torch.Generator | None = None) -> torch.Tensor:
+    """A posterior sample times the VAE scaling factor; row i drawn from ``generators[i]`` when a list is given."""
+    noise = per_example_randn(mean.shape, generators, mean.device, mean.dtype)
+    return (mean + std * noise) * vae_scaling_factor(vae)
+
+
+@torch.no_grad()
 def encode_target(vae, images: torch.Tensor, generators: list[torch.Generator] | torch.Generator | None = None
                   ) -> torch.Tensor:
     """Target latent: a posterior sample times the scaling factor. images: (B, 3, H, W) in [-1, 1].
@@ -54,10 +69,8 @@ def encode_target(vae, images: torch.Tensor, generators: list[torch.Generator] |
     With one generator per example the draw of each example depends only on its own generator, so a batch split over
     processes gives the same latents as the whole batch on one process.
     """
-    vae_dtype = next(vae.parameters()).dtype
-    dist = vae.encode(images.to(device=vae.device, dtype=vae_dtype)).latent_dist
-    noise = per_example_randn(dist.mean.shape, generators, dist.mean.device, dist.mean.dtype)
-    return (dist.mean + dist.std * noise) * vae_scaling_factor(vae)
+    mean, std = encode_posterior(vae, images)
+    return sample_posterior(vae, mean, std, generators)
 
 
 def per_example_randn(shape: tuple[int, ...] | torch.Size, generators: list[torch.Generator] | torch.Generator | None,

@@ -69,7 +69,8 @@ class DataConfig:
     num_workers: int = 2
     """DataLoader worker processes per training process."""
     cache: str = "none"
-    """Cache frozen-encoder outputs: none, text (instruction embeddings), text+latents (also VAE latents)."""
+    """Cache frozen-encoder outputs in memory: none, text (instruction embeddings), text+latents (also the VAE
+    encodings; needs fixed preprocessing: one cached view per image, and about 3 x 4 x (R/8)^2 floats per example)."""
 
 
 @dataclass
@@ -279,6 +280,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
     if cfg.validation.every and not cfg.validation.images:
         raise ConfigError("validation.every is set but validation.images is empty; list local image files")
+    if cfg.data.cache == "text+latents" and (cfg.data.random_crop or cfg.data.random_flip
+                                              or cfg.data.random_resize[0] != cfg.data.random_resize[1]):
+        # A cached latent is one fixed view of the image; random crops/flips would silently stop being random.
+        raise ConfigError("data.cache=text+latents caches one view per image, so it needs fixed preprocessing: set "
+                          "data.random_crop=false data.random_flip=false and data.random_resize=[R, R]")
     n_img, n_ins = len(cfg.validation.images), len(cfg.validation.instructions)
     if n_img and n_ins not in (1, n_img):
         raise ConfigError(f"validation.instructions has {n_ins} entries for {n_img} images; give 1 or {n_img}")

@@ -25,7 +25,14 @@ from tqdm.auto import tqdm
 
 import ip2p
 from ip2p import config as cfgmod
-from ip2p.conditioning import apply_dropout, dropout_masks, encode_source, encode_target, encode_text
+from ip2p.conditioning import (
+    apply_dropout,
+    dropout_masks,
+    encode_posterior,
+    encode_source,
+    encode_text,
+    sample_posterior,
+)
 from ip2p.config import Config
 from ip2p.models import expand_conv_in, load_components
 
@@ -282,6 +289,8 @@ class Trainer:
 
         self.null_text = encode_text(self.text_encoder, self.tokenizer, [""])  # (1, L, D), computed once
         self.text_cache: dict[str, torch.Tensor] = {}
+        # record number -> (source latent, target posterior mean, std); filled in the first epoch (data.cache).
+        self.latent_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.global_step = 0
         self.samples_seen = 0
         self.bad_records = 0
@@ -310,6 +319,29 @@ class Trainer:
                 self.text_cache[s] = e
         return torch.stack([self.text_cache[s] for s in instructions])
 
+    def _encode_images(self, source: torch.Tensor, target: torch.Tensor, records: list[int], valid: list[bool]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Source latent and target posterior (mean, std), from the latent cache where ``data.cache`` allows.
+
+        The cache holds the deterministic part of the encoding (the posterior's parameters, not a sample), so a cached
+        run draws the same target latents as an uncached one.
+        """
+        scale = self.cfg.model.scale_source_latent
+        if self.cfg.data.cache != "text+latents":
+            src = encode_source(self.vae, source, scale=scale).float()
+            mean, std = encode_posterior(self.vae, target)
+            return src, mean.float(), std.float()
+        todo = [i for i, (r, ok) in enumerate(zip(records, valid)) if ok and r not in self.latent_cache]
+        if todo:
+            src = encode_source(self.vae, source[todo], scale=scale).float()
+            mean, std = encode_posterior(self.vae, target[todo])
+            for j, i in enumerate(todo):
+                self.latent_cache[records[i]] = (src[j], mean[j].float(), std[j].float())
+        h, w = source.shape[-2] // self.vae_scale, source.shape[-1] // self.vae_scale
+        blank = torch.zeros(self.latent_channels, h, w, device=source.device)
+        rows = [self.latent_cache[r] if ok else (blank, blank, blank) for r, ok in zip(records, valid)]
+        return tuple(torch.stack([row[k] for row in rows]) for k in range(3))
+
     # -- one micro-step --
     def micro_step(self, batch: dict) -> torch.Tensor:
         """Forward/backward one per-process micro-batch; returns the detached per-process loss."""
@@ -325,8 +357,8 @@ class Trainer:
                           (self.latent_channels, h, w))
         with torch.no_grad():
             text = self._encode_instructions(list(batch["instruction"]))
-            src_lat = encode_source(self.vae, source, scale=cfg.model.scale_source_latent).float()
-            tgt_lat = encode_target(self.vae, target, draws.posterior).float()
+            src_lat, mean, std = self._encode_images(source, target, batch["record"].tolist(), batch["valid"].tolist())
+            tgt_lat = sample_posterior(self.vae, mean, std, draws.posterior).float()
         noise = draws.noise.to(device)
         if cfg.train.noise_offset:
             noise = noise + cfg.train.noise_offset * draws.offset.to(device)

@@ -241,3 +241,35 @@ def test_two_processes_match_one(tmp_path, data_dir):
     other = tmp_path / "other"
     assert train.main(overrides(other, data_dir, *common, "train.batch_size=4", "seed=1")) == 0
     assert max_diff(unet_weights(one / "final"), unet_weights(other / "final")) > 1e-4
+
+
+def test_latent_cache_skips_the_vae_and_changes_nothing(tmp_path, monkeypatch):
+    from ip2p.synthetic import write_dataset
+
+    small = write_dataset(tmp_path / "small", n_train=8, n_test=1, seed=0, size=32)
+    fixed = ("data.random_crop=false", "data.random_flip=false", "data.random_resize=[16,16]",
+             "train.max_steps=4", "train.checkpoint_every=0", "train.lr=1e-4")
+    plain = tmp_path / "plain"
+    assert train.main(overrides(plain, small, *fixed)) == 0
+    calls = []
+    import ip2p.training as training_mod
+
+    real = training_mod.encode_posterior
+    monkeypatch.setattr(training_mod, "encode_posterior", lambda vae, x: calls.append(len(x)) or real(vae, x))
+    cached = tmp_path / "cached"
+    assert train.main(overrides(cached, small, *fixed, "data.cache=text+latents")) == 0
+    assert sum(calls) == 8  # 4 steps x batch 4 = two epochs of 8 examples: the second epoch is all cache hits
+    # Cached encodings are the uncached ones (the posterior's parameters, not a sample, are cached).
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True), GradientState._reset_state(), PartialState._reset_state()
+    trainer = Trainer(load_config(None, overrides(cached, small, *fixed, "data.cache=text+latents")))
+    batch = next(iter(trainer._batches(0)))
+    args = (batch["source"], batch["target"], batch["record"].tolist(), batch["valid"].tolist())
+    first, again = trainer._encode_images(*args), trainer._encode_images(*args)
+    trainer.cfg.data.cache = "none"
+    fresh = trainer._encode_images(*args)
+    for a, b, c in zip(first, again, fresh):
+        assert torch.equal(a, b) and torch.allclose(a, c, atol=1e-6)
+    with pytest.raises(Exception, match="fixed preprocessing"):
+        load_config(None, ["data.cache=text+latents"])
