@@ -222,6 +222,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):
+            # YAML 1.1 reads a bare no/yes/off/on as a boolean; for a text field the user meant the word.
+            return "no" if value is False else "yes"
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}={value!r}: expected a string")

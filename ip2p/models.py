@@ -137,16 +137,18 @@ def _load_folder(source: str, torch_dtype: torch.dtype | None) -> dict:
         ) from e
 
 
-def _builtin(layout: str) -> dict:
+def _builtin(name: str) -> dict:
     from ip2p import tiny
 
-    c = tiny.tiny_components(layout, in_channels=4)
+    c = tiny.sd15_random_components() if name == "sd15-random" else tiny.tiny_components(name, in_channels=4)
     return {"unet": c.unet, "vae": c.vae, "text_encoder": c.text_encoder, "tokenizer": c.tokenizer,
             "scheduler": c.scheduler}
 
 
-# Built-in base models, by name: random tiny text-to-image models for smoke runs, nothing downloaded.
-BUILTIN_MODELS = {"tiny": lambda: _builtin("small"), "tiny-sd": lambda: _builtin("sd")}
+# Built-in base models, by name, with random weights and nothing downloaded: tiny ones for smoke runs and tests,
+# and SD 1.5's architecture for benchmarks.
+BUILTIN_MODELS = {"tiny": lambda: _builtin("small"), "tiny-sd": lambda: _builtin("sd"),
+                  "sd15-random": lambda: _builtin("sd15-random")}
 
 
 def load_components(source: str | os.PathLike, *, config_dir: str | None = None, allow_pickle: bool = False,

@@ -293,3 +293,27 @@ def save_tiny_causal_lm(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def sd15_random_components(in_channels: int = 4, seed: int = 0) -> TinyComponents:
+    """Stable Diffusion 1.5's architecture (UNet 860M, VAE 84M, CLIP-L text 123M) with random weights.
+
+    For benchmarks of real-sized compute with nothing downloaded; the character-level tokenizer stands in for CLIP's.
+    """
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=in_channels, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+        block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+    )
+    tokenizer = tiny_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1,
+    ))
+    return TinyComponents(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer, PNDMScheduler(**SD_SCHEDULER_CONFIG))

@@ -22,10 +22,11 @@ def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("output_dir: runs/a\ntrain:\n  max_steps: 5\n  lr: 0.001\ndata:\n  path: x\n")
     cfg = load_config(path, ["train.max_steps=7", "output_dir=runs/b", "trackers=[]", "train.lr=2e-5",
-                             "model.prediction_type=v_prediction", "resume=null"])
+                             "model.prediction_type=v_prediction", "resume=null", "train.mixed_precision=no"])
     assert cfg.train.max_steps == 7 and cfg.output_dir == "runs/b" and cfg.trackers == []
     assert cfg.train.lr == pytest.approx(2e-5) and isinstance(cfg.train.lr, float)
     assert cfg.data.path == "x" and cfg.model.prediction_type == "v_prediction" and cfg.resume is None
+    assert cfg.train.mixed_precision == "no"  # YAML 1.1 reads a bare no as false
 
 
 @pytest.mark.parametrize("override, message", [
