@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     from ip2p.sampling import edit, make_scheduler
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layout", choices=tiny.LAYOUTS, default="small")
+    p.add_argument("--layout", choices=(*tiny.LAYOUTS, "sd15"), default="small",
+                   help="tiny layouts, or sd15: Stable Diffusion 1.5's architecture with random weights")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
@@ -53,12 +55,24 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
 
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     with tempfile.TemporaryDirectory() as tmp:
-        folder = args.checkpoint or tiny.save_tiny_pipeline(Path(tmp) / "editor", layout=args.layout)
-        pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(folder).to(device)
+        if args.checkpoint:
+            folder = args.checkpoint
+        elif args.layout == "sd15":
+            c = tiny.sd15_random_components(in_channels=8)
+            folder = Path(tmp) / "editor"
+            StableDiffusionInstructPix2PixPipeline(
+                vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=c.scheduler,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            ).save_pretrained(folder)
+            del c
+        else:
+            folder = tiny.save_tiny_pipeline(Path(tmp) / "editor", layout=args.layout)
+        pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
         pipe.set_progress_bar_config(disable=True)
-        model = load_editor(folder, expand=False, device=device)
-    image = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+        model = load_editor(folder, expand=False, device=device, torch_dtype=dtype)
+    image = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
 
     def ours(s_i: float):
         return lambda: edit(model, image * 2 - 1, ["make it winter"], steps=args.steps, image_guidance=s_i,
@@ -72,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                         generator=torch.Generator().manual_seed(0), output_type="pt")
         return run
 
-    print(f"device={device} layout={args.layout} size={args.size} steps={args.steps} scheduler={args.scheduler} "
+    print(f"device={device} dtype={args.dtype} layout={args.layout} size={args.size} steps={args.steps} scheduler={args.scheduler} "
           f"repeats={args.repeats} threads={torch.get_num_threads()}")
     for s_i in (1.5, 1.0):
         # Interleave the two to spread machine noise evenly.
