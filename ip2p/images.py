@@ -212,9 +212,17 @@ def target_size(width: int, height: int, resolution: int = 512, multiple: int = 
 
 
 def resize_for_model(image: Image.Image, resolution: int = 512, multiple: int = 8) -> Image.Image:
-    """Convert to RGB and Lanczos-resize to `target_size`; no resampling when the size already matches."""
+    """Convert to RGB and Lanczos-resize to `target_size`; no resampling when the size already matches.
+
+    `resolution=0` keeps the input's size, each side floored to a multiple of `multiple`: what diffusers'
+    pipeline does with an image, so results can be compared with it on any input.
+    """
     image = to_rgb(image)
-    size = target_size(image.width, image.height, resolution, multiple)
+    if resolution == 0:
+        multiple = _check_positive_int("multiple", multiple)
+        size = (max(multiple, image.width // multiple * multiple), max(multiple, image.height // multiple * multiple))
+    else:
+        size = target_size(image.width, image.height, resolution, multiple)
     if image.size == size:
         return image
     return image.resize(size, Image.Resampling.LANCZOS)

@@ -56,9 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed (a CPU generator; random and reported when absent)")
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=DEFAULT_SCHEDULER,
                    help="sampler (default: %(default)s)")
-    p.add_argument("--resolution", type=int, default=512, help="long side of the edited image (default: %(default)s)")
-    p.add_argument("--multiple", type=int, default=8, choices=(8, 16, 32, 64),
-                   help="round both sides to a multiple of this (64 as in the paper's app; default: %(default)s)")
+    p.add_argument("--resolution", type=int, default=512,
+                   help="long side of the edited image; 0 keeps the input size (floored to --multiple, as diffusers' "
+                        "pipeline does) (default: %(default)s)")
+    p.add_argument("--multiple", type=int, default=None,
+                   help="round both sides to a multiple of this (64 as in the paper's app; default: the VAE's "
+                        "downsampling factor, 8 for Stable Diffusion)")
     p.add_argument("--keep-size", action="store_true", help="resize the result back to the input's original size")
     p.add_argument("--max-pixels", type=int, default=img.DEFAULT_MAX_PIXELS, help="refuse larger input images")
     p.add_argument("--num-images", type=int, default=1, help="outputs per input and instruction (default: 1)")
@@ -157,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps} must be at least 1")
+    if args.resolution < 0:
+        raise ValueError(f"--resolution {args.resolution} must be positive, or 0 to keep the input size")
     if args.num_images < 1:
         raise ValueError(f"--num-images {args.num_images} must be at least 1")
     paths = img.expand_image_paths(args.image)
@@ -174,7 +179,10 @@ def run(args: argparse.Namespace) -> int:
     model = load_editor(args.checkpoint, config_dir=args.config_dir, allow_pickle=args.allow_pickle,
                         scale_source_latent=scale, expand=False, torch_dtype=dtype, device=device)
     scheduler = make_scheduler(args.scheduler, model.scheduler.config)
-    multiple = max(args.multiple, model.vae_scale_factor)
+    multiple = model.vae_scale_factor if args.multiple is None else args.multiple
+    if multiple < 1 or multiple % model.vae_scale_factor:
+        raise ValueError(f"--multiple {multiple} must be a positive multiple of the VAE's downsampling factor "
+                         f"({model.vae_scale_factor})")
 
     settings = dict(checkpoint=str(args.checkpoint), steps=args.steps, scheduler=args.scheduler, seed=seed,
                     resolution=args.resolution, multiple=multiple, dtype=str(dtype).removeprefix("torch."),

@@ -115,3 +115,21 @@ def test_infer_refuses_a_base_model(tiny_base_dir, photo, tmp_path, caplog):
                      "--output", str(tmp_path / "o.png")])
     assert rc == 2
     assert any("fine-tune it" in r.getMessage() for r in caplog.records)
+
+
+def test_resolution_0_keeps_the_input_size_like_diffusers(tiny_editor_dir, tmp_path):
+    rng = np.random.default_rng(1)
+    path = tmp_path / "odd.png"
+    Image.fromarray((rng.random((27, 45, 3)) * 255).astype("uint8")).save(path)  # not a multiple of 8
+    out = tmp_path / "o.png"
+    assert infer.main(["--checkpoint", str(tiny_editor_dir), "--image", str(path), "--instruction", "add snow",
+                       "--output", str(out), "--seed", "0", "--steps", "3", "--resolution", "0", "--quiet"]) == 0
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(tiny_editor_dir)
+    from ip2p.sampling import make_scheduler
+
+    pipe.scheduler = make_scheduler("euler_a", pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe("add snow", image=Image.open(path).convert("RGB"), num_inference_steps=3,
+                generator=torch.Generator().manual_seed(0)).images[0]
+    assert want.size == (44, 26)  # floored to the VAE factor (2 for this tiny model, 8 for SD)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want))
