@@ -519,6 +519,7 @@ class Trainer:
         bar = tqdm(total=cfg.train.max_steps, initial=self.global_step, disable=not self.is_main, desc="training",
                    dynamic_ncols=True)
         started, start_step = time.perf_counter(), self.global_step
+        window: list[float] = []  # losses since the last log line: one batch's loss is too noisy to read
         with _Preemption() as preempt:
             while self.global_step < cfg.train.max_steps:
                 losses = []
@@ -540,11 +541,14 @@ class Trainer:
                 lr = self.lr_scheduler.get_last_lr()[0]
                 elapsed = time.perf_counter() - started
                 rate = (self.global_step - start_step) * global_batch / max(elapsed, 1e-9)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", bad=self.bad_records)
+                window.append(loss)
+                bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}",
+                                bad=self.bad_records)
                 bar.update(1)
                 if self.global_step % cfg.train.log_every == 0 or self.global_step == cfg.train.max_steps:
-                    acc.log({"loss": loss, "lr": lr, "samples_per_s": rate, "bad_records": self.bad_records},
-                            step=self.global_step)
+                    acc.log({"loss": sum(window) / len(window), "lr": lr, "samples_per_s": rate,
+                             "bad_records": self.bad_records}, step=self.global_step)
+                    window.clear()
                 if cfg.validation.every and self.global_step % cfg.validation.every == 0:
                     self.validate()
                 stop = self._preempted(preempt)
