@@ -525,9 +525,8 @@ class Trainer:
                 losses = []
                 for _ in range(accum):
                     batch = next(loader)
+                    # The data loader logs the first reasons and then counts; the total goes to the trackers.
                     self.bad_records += int(batch["num_bad"])
-                    for reason in batch.get("bad_reasons", [])[:3]:
-                        logger.warning("skipped a bad record: %s", reason)
                     losses.append(self.micro_step(batch))
                 self.lr_scheduler.step()
                 if self.ema is not None:
