@@ -324,3 +324,29 @@ def test_missing_optional_packages_are_clear_errors(tmp_path, data_dir, caplog, 
     assert "xformers is not installed" in caplog.text
     assert train.main(overrides(tmp_path / "b", data_dir, "train.optimizer=adamw8bit")) == 2
     assert "needs bitsandbytes" in caplog.text
+
+
+def test_bad_records_are_skipped_counted_and_never_fatal(tmp_path):
+    import io
+
+    from datasets import Dataset, Features, Image as ImageFeature, Value
+    from PIL import Image
+
+    def png(colour):
+        buf = io.BytesIO()
+        Image.new("RGB", (20, 20), colour).save(buf, format="PNG")
+        return {"bytes": buf.getvalue(), "path": None}
+
+    rows = {"input_image": [png("red"), {"bytes": b"not an image", "path": None}, png("blue"), png("green")],
+            "edit_prompt": ["make it blue", "x", "make it red", "make it grey"],
+            "edited_image": [png("blue"), png("red"), png("red"), png("grey")]}
+    features = Features({"input_image": ImageFeature(), "edit_prompt": Value("string"),
+                         "edited_image": ImageFeature()})
+    (tmp_path / "bad").mkdir()
+    Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "bad" / "train.parquet"))
+    out = tmp_path / "run"
+    assert train.main(overrides(out, tmp_path / "bad", "train.max_steps=2", "train.batch_size=2",
+                                "data.shuffle=false")) == 0
+    state = json.loads((list_checkpoints(out)[-1][1] / "ip2p_state.json").read_text())
+    assert state["bad_records"] == 1  # 2 steps x 2 = one pass over 4 rows, one of them corrupt
+    assert (out / "final" / "model_index.json").is_file()
