@@ -69,8 +69,8 @@ class DataConfig:
     num_workers: int = 2
     """DataLoader worker processes per training process."""
     cache: str = "none"
-    """Cache frozen-encoder outputs in memory: none, text (instruction embeddings), text+latents (also the VAE
-    encodings; needs fixed preprocessing: one cached view per image, and about 3 x 4 x (R/8)^2 floats per example)."""
+    """Cache frozen-encoder outputs: none, text (instruction embeddings, in memory), text+latents (also the VAE
+    encodings, in memory and under <output_dir>/cache/; needs fixed preprocessing: one cached view per image)."""
 
 
 @dataclass

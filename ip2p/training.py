@@ -324,23 +324,60 @@ class Trainer:
         """Source latent and target posterior (mean, std), from the latent cache where ``data.cache`` allows.
 
         The cache holds the deterministic part of the encoding (the posterior's parameters, not a sample), so a cached
-        run draws the same target latents as an uncached one.
+        run draws the same target latents as an uncached one. It lives in memory and on disk under
+        ``<output_dir>/cache/`` (one small safetensors file per record, written atomically), so a resumed or
+        restarted run does not encode again.
         """
         scale = self.cfg.model.scale_source_latent
         if self.cfg.data.cache != "text+latents":
             src = encode_source(self.vae, source, scale=scale).float()
             mean, std = encode_posterior(self.vae, target)
             return src, mean.float(), std.float()
+        for r, ok in zip(records, valid):
+            if ok and r not in self.latent_cache:
+                self._load_cached(r)
         todo = [i for i, (r, ok) in enumerate(zip(records, valid)) if ok and r not in self.latent_cache]
         if todo:
             src = encode_source(self.vae, source[todo], scale=scale).float()
             mean, std = encode_posterior(self.vae, target[todo])
             for j, i in enumerate(todo):
-                self.latent_cache[records[i]] = (src[j], mean[j].float(), std[j].float())
+                entry = (src[j], mean[j].float(), std[j].float())
+                self.latent_cache[records[i]] = entry
+                self._store_cached(records[i], entry)
         h, w = source.shape[-2] // self.vae_scale, source.shape[-1] // self.vae_scale
         blank = torch.zeros(self.latent_channels, h, w, device=source.device)
         rows = [self.latent_cache[r] if ok else (blank, blank, blank) for r, ok in zip(records, valid)]
         return tuple(torch.stack([row[k] for row in rows]) for k in range(3))
+
+    def _cache_path(self, record: int) -> Path:
+        d = self.cfg.data
+        # A cache is only valid for the same data, split, preprocessing and VAE: they name its folder.
+        key = json.dumps([d.path, d.split, d.resolution, d.random_resize, self.cfg.model.pretrained,
+                          self.cfg.model.scale_source_latent], sort_keys=True)
+        import hashlib
+
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return self.out / "cache" / f"latents-{digest}" / f"{record // 10000:04d}" / f"{record}.safetensors"
+
+    def _load_cached(self, record: int) -> None:
+        from safetensors.torch import load_file
+
+        path = self._cache_path(record)
+        if path.is_file():
+            try:
+                t = load_file(str(path), device=str(self.accelerator.device))
+                self.latent_cache[record] = (t["source"], t["mean"], t["std"])
+            except Exception as e:  # a torn or foreign file: encode again, never crash the run
+                logger.warning("ignoring unreadable latent cache file %s (%s)", path, e)
+
+    def _store_cached(self, record: int, entry: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        path = self._cache_path(record)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in zip(("source", "mean", "std"), entry)}, str(tmp))
+        os.replace(tmp, path)
 
     # -- one micro-step --
     def micro_step(self, batch: dict) -> torch.Tensor:

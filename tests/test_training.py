@@ -272,6 +272,13 @@ def test_latent_cache_skips_the_vae_and_changes_nothing(tmp_path, monkeypatch):
     fresh = trainer._encode_images(*args)
     for a, b, c in zip(first, again, fresh):
         assert torch.equal(a, b) and torch.allclose(a, c, atol=1e-6)
+    # The cache is on disk too: a new run (resume, restart) reads it instead of encoding.
+    assert len(list((cached / "cache").rglob("*.safetensors"))) == 8
+    calls.clear()
+    trainer.cfg.data.cache = "text+latents"
+    trainer.latent_cache.clear()
+    again = trainer._encode_images(*args)
+    assert calls == [] and all(torch.equal(a, b) for a, b in zip(first, again))
     with pytest.raises(Exception, match="fixed preprocessing"):
         load_config(None, ["data.cache=text+latents"])
 
