@@ -45,7 +45,7 @@ class EditorModel:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_downsampling(self.vae)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "EditorModel":
         for module in (self.unet, self.vae, self.text_encoder):
@@ -56,6 +56,11 @@ class EditorModel:
         for module in (self.unet, self.vae, self.text_encoder):
             module.eval()
         return self
+
+
+def vae_downsampling(vae) -> int:
+    """How many pixels one latent cell spans per side (8 for Stable Diffusion's VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def expand_conv_in(unet: torch.nn.Module, latent_channels: int = 4) -> bool:

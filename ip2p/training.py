@@ -34,12 +34,14 @@ from ip2p.conditioning import (
     sample_posterior,
 )
 from ip2p.config import Config
-from ip2p.models import expand_conv_in, load_components
+from ip2p.models import expand_conv_in, load_components, vae_downsampling
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
-TRAIN_PURPOSE = 1  # example_generator stream for the train step's draws (augmentation uses another)
+# The example_generator stream of the train step's draws (timestep, dropout, noise, posterior sample, in that order);
+# augmentation draws from its own stream, so changing one never shifts the other.
+TRAIN_PURPOSE = 1  # == ip2p.data.Purpose.NOISE
 
 
 # ---- EMA ---------------------------------------------------------------------------------------------------------
@@ -294,7 +296,7 @@ class Trainer:
         self.global_step = 0
         self.samples_seen = 0
         self.bad_records = 0
-        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale = vae_downsampling(self.vae)
 
     # -- data --
     def _batches(self, start_step: int):

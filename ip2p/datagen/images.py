@@ -85,7 +85,7 @@ class PairSampler:
         if self.unet.config.in_channels != self.latent_channels:
             raise ValueError(f"unet has {self.unet.config.in_channels} input channels; the image stage needs a "
                              f"text-to-image base with {self.latent_channels} (e.g. SD 1.5), not an editor")
-        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_factor = vae_downsampling(self.vae)
         multiple = self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         if config.height % multiple or config.width % multiple:
             raise ValueError(f"image size {config.height}x{config.width} must be a multiple of {multiple} for this "
@@ -95,7 +95,7 @@ class PairSampler:
     @classmethod
     def from_pretrained(cls, source: str, config: ImageConfig = ImageConfig(), *,
                         device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "PairSampler":
-        from ip2p.models import load_components
+        from ip2p.models import load_components, vae_downsampling
 
         # float32 is what loaders give by default; naming it makes diffusers warn about casting the built-ins.
         components, _ = load_components(source, torch_dtype=None if dtype in (None, torch.float32) else dtype)
