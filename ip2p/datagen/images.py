@@ -22,6 +22,7 @@ import torch
 
 from ip2p.conditioning import encode_text, vae_scaling_factor
 from ip2p.data.seeding import mix_seed
+from ip2p.models import vae_downsampling
 from ip2p.datagen.config import FilterConfig, ImageConfig
 from ip2p.datagen.filter import passes, select
 from ip2p.datagen.p2p import p2p_sample
@@ -95,7 +96,7 @@ class PairSampler:
     @classmethod
     def from_pretrained(cls, source: str, config: ImageConfig = ImageConfig(), *,
                         device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "PairSampler":
-        from ip2p.models import load_components, vae_downsampling
+        from ip2p.models import load_components
 
         # float32 is what loaders give by default; naming it makes diffusers warn about casting the built-ins.
         components, _ = load_components(source, torch_dtype=None if dtype in (None, torch.float32) else dtype)
