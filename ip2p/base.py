@@ -1,0 +1,456 @@
+"""The built-in task's base model: a tiny Stable Diffusion built from scratch for :mod:`ip2p.synthetic` scenes.
+
+A user fine-tunes InstructPix2Pix from a pretrained Stable Diffusion; here nothing can be downloaded, so the base is
+made locally and written as an ordinary diffusers ``StableDiffusionPipeline`` folder that ``train.py`` reads like any
+other (``model.pretrained=<folder>``):
+
+- VAE: an ``AutoencoderKL`` trained by :func:`train_vae` on ``synthetic.scene_images`` (fresh scenes every step), with
+  an L1 + MSE reconstruction loss and a tiny KL weight. It downsamples by 4 into 16 channels (64x64x3 -> 16x16x16):
+  the UNet then works on 16x16 latents, which a 2-core CPU trains on in minutes, and the 16 channels keep enough
+  detail for exact palette colours and aliased edges. Its ``scaling_factor`` is 1 / the std of its latents, as SD's.
+  The trained weights ship in ``ip2p/assets/demo_vae.safetensors`` (reproduce: ``python -m ip2p.base vae``).
+- UNet: a randomly initialised text-to-image UNet (``in_channels = out_channels = latent channels``); fine-tuning
+  expands its ``conv_in`` as for SD.
+- Text encoder: a seeded, random, frozen tiny CLIP text model over a character-level CLIP tokenizer
+  (:mod:`ip2p.tiny`): what the framework trains with (only the UNet learns). It has no knowledge of language, so an
+  instruction phrased with words it never saw in training is only understood through the words it shares with the
+  training phrasings (see docs/demo.md).
+- Scheduler: Stable Diffusion v1's settings.
+
+``python -m ip2p.base vae`` trains and writes the VAE asset; ``python -m ip2p.base build OUT`` writes a base folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+VAE_ASSET = ASSETS / "demo_vae.safetensors"
+BASE_META_FILE = "ip2p_base.json"
+PSNR_EVAL_IMAGES = 512
+PSNR_EVAL_SEED = 1_000_003  # scene_images seed of the held-out images
+_TRAIN_SEED_BASE = 2_000_000  # scene_images seeds of training batches: _TRAIN_SEED_BASE + 1e6 * seed + step
+ORACLE_EXAMPLES = 120  # edits per test split whose exact targets vae_report round-trips through the VAE
+
+
+@dataclass(frozen=True)
+class VaeSpec:
+    """Architecture of the base VAE (an ``AutoencoderKL``); downsampling is ``2 ** (levels - 1)``."""
+
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    latent_channels: int = 16
+    layers_per_block: int = 1
+    norm_num_groups: int = 16
+    size: int = 64
+
+
+@dataclass(frozen=True)
+class VaeTraining:
+    """How :func:`train_vae` trains: Adam, cosine decay to 0, a fresh batch of scenes every step."""
+
+    steps: int = 4000
+    batch_size: int = 64
+    lr: float = 1e-3
+    kl_weight: float = 1e-6
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class UNetSpec:
+    """Architecture of the base UNet; ``attention[i]`` puts cross-attention (and self-attention) on level ``i``."""
+
+    block_out_channels: tuple[int, ...] = (48, 96, 128)
+    layers_per_block: int = 2
+    attention: tuple[bool, ...] = (False, True, True)
+    attention_heads: int = 4
+    norm_num_groups: int = 16
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """Everything that determines a base folder."""
+
+    vae: VaeSpec = field(default_factory=VaeSpec)
+    vae_training: VaeTraining = field(default_factory=VaeTraining)
+    unet: UNetSpec = field(default_factory=UNetSpec)
+    text_hidden_size: int = 32
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BaseSpec:
+        unet = dict(data.get("unet", {}))
+        for key in ("block_out_channels", "attention"):
+            if key in unet:
+                unet[key] = tuple(unet[key])
+        vae = dict(data.get("vae", {}))
+        if "block_out_channels" in vae:
+            vae["block_out_channels"] = tuple(vae["block_out_channels"])
+        return cls(vae=VaeSpec(**vae), vae_training=VaeTraining(**data.get("vae_training", {})),
+                   unet=UNetSpec(**unet), **{k: v for k, v in data.items()
+                                             if k not in ("vae", "vae_training", "unet")})
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------------- VAE
+
+
+def make_vae(spec: VaeSpec, seed: int = 0):
+    """A randomly initialised ``AutoencoderKL`` of ``spec``."""
+    from diffusers import AutoencoderKL
+
+    levels = len(spec.block_out_channels)
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+        block_out_channels=list(spec.block_out_channels),
+        layers_per_block=spec.layers_per_block,
+        latent_channels=spec.latent_channels,
+        norm_num_groups=spec.norm_num_groups,
+        sample_size=spec.size,
+    )
+
+
+def _scene_batch(n: int, seed: int, size: int, device: torch.device) -> torch.Tensor:
+    """``n`` synthetic scenes as a (n, 3, size, size) float tensor in [-1, 1]."""
+    from ip2p.synthetic import scene_images
+
+    images = torch.from_numpy(scene_images(n, seed, size))  # (n, H, W, 3) uint8
+    return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(device)
+
+
+@torch.no_grad()
+def reconstruct(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Decode the posterior mode of ``images`` (B, 3, H, W) in [-1, 1]; returns (B, 3, H, W) in [0, 1]."""
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i:i + batch_size]
+        z = vae.encode(x).latent_dist.mode()
+        out.append((vae.decode(z).sample / 2 + 0.5).clamp(0, 1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def vae_report(vae, n: int = PSNR_EVAL_IMAGES, seed: int = PSNR_EVAL_SEED) -> dict[str, float]:
+    """Held-out reconstruction quality on ``n`` fresh scenes: mean PSNR (dB, per image), L1 and worst-image PSNR.
+
+    Images are rounded to uint8 first, as an edit written to a PNG would be.
+    """
+    device = next(vae.parameters()).device
+    vae_mode = vae.training
+    vae.eval()
+    images = _scene_batch(n, seed, int(vae.config.sample_size), device)
+    recon = (reconstruct(vae, images) * 255).round() / 255
+    truth = images / 2 + 0.5
+    mse = ((recon - truth) ** 2).flatten(1).mean(1).clamp_min(1e-10)  # (n,)
+    psnr = -10 * torch.log10(mse)
+    report = {
+        "psnr": float(psnr.mean()),
+        "psnr_min": float(psnr.min()),
+        "l1": float((recon - truth).abs().mean()),
+        "images": n,
+        **oracle_success(vae),
+    }
+    vae.train(vae_mode)
+    return report
+
+
+@torch.no_grad()
+def oracle_success(vae, n: int = ORACLE_EXAMPLES, seed: int = 0) -> dict[str, float]:
+    """Success and strict success (``ip2p.eval.metrics``) of the VAE's reconstruction of the *exact* targets of ``n``
+    held-out-combination edits: the best any editor working in this VAE's latent space could score."""
+    from ip2p.eval.metrics import edit_success, summarise
+    from ip2p.synthetic import generate_split
+
+    device = next(vae.parameters()).device
+    examples = generate_split("test_heldout_combinations", n, seed, size=int(vae.config.sample_size))
+    targets = torch.from_numpy(np.stack([e.target for e in examples])).permute(0, 3, 1, 2)
+    recon = reconstruct(vae, targets.float().div(127.5).sub(1.0).to(device))
+    recon = (recon * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    summary = summarise([edit_success(r, e) for r, e in zip(recon, examples)])
+    return {"oracle_success": summary["success"], "oracle_strict_success": summary["strict_success"]}
+
+
+@torch.no_grad()
+def latent_std(vae, n: int = 256, seed: int = PSNR_EVAL_SEED + 1) -> float:
+    """Std of the posterior means of ``n`` scenes: SD-style ``scaling_factor`` is its inverse."""
+    device = next(vae.parameters()).device
+    images = _scene_batch(n, seed, int(vae.config.sample_size), device)
+    return float(torch.cat([vae.encode(images[i:i + 64]).latent_dist.mean for i in range(0, n, 64)]).std())
+
+
+def train_vae(spec: VaeSpec = VaeSpec(), training: VaeTraining = VaeTraining(), *,
+              device: torch.device | str = "cpu", progress: bool = True):
+    """Train a VAE of ``spec`` on fresh synthetic scenes; returns ``(vae, report)``, the VAE on the CPU in eval mode.
+
+    Loss per step: ``L1 + MSE`` of the reconstruction of a posterior sample (in [-1, 1]) plus ``kl_weight`` times the
+    per-element KL to N(0, 1). Every step draws fresh scenes (``scene_images`` seeds from ``_TRAIN_SEED_BASE`` on),
+    so nothing repeats and the held-out images are never seen. ``report``: see :func:`vae_report`.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    vae = make_vae(spec, seed=training.seed).to(device).train()
+    optimizer = torch.optim.Adam(vae.parameters(), lr=training.lr)
+    warmup = min(200, training.steps // 10)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, training.steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    generator = torch.Generator(device="cpu").manual_seed(training.seed)
+    started = time.perf_counter()
+    bar = tqdm(range(training.steps), desc="VAE", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        x = _scene_batch(training.batch_size, _TRAIN_SEED_BASE + training.seed * 1_000_000 + step, spec.size, device)
+        dist = vae.encode(x).latent_dist
+        noise = torch.randn(dist.mean.shape, generator=generator).to(device)
+        recon = vae.decode(dist.mean + dist.std * noise).sample
+        kl = dist.kl().mean() / (spec.latent_channels * (spec.size // 2 ** (len(spec.block_out_channels) - 1)) ** 2)
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + training.kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    vae.eval()
+    std = latent_std(vae)
+    vae.register_to_config(scaling_factor=1.0 / std)
+    report = {"train_seconds": round(time.perf_counter() - started, 1), "device": str(device), "latent_std": std,
+              **vae_report(vae)}
+    logger.info("VAE trained in %.0f s: held-out PSNR %.2f dB (worst image %.2f dB)", report["train_seconds"],
+                report["psnr"], report["psnr_min"])
+    return vae.cpu(), report
+
+
+def save_vae(vae, path: str | os.PathLike, *, spec: VaeSpec, training: VaeTraining, report: dict) -> Path:
+    """Write the VAE weights (float32) to one safetensors file; its header holds config, spec, training and report."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {
+        "config": json.dumps(dict(vae.config), default=list),
+        "spec": json.dumps(dataclasses.asdict(spec)),
+        "training": json.dumps(dataclasses.asdict(training)),
+        "report": json.dumps(report),
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=header)
+    os.replace(tmp, path)
+    return path
+
+
+def read_vae_header(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"config", "spec", "training", "report"}`` of a file written by :func:`save_vae`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata() or {}
+    missing = [k for k in ("config", "spec", "training", "report") if k not in raw]
+    if missing:
+        raise ValueError(f"{path} lacks {missing} in its header; expected a VAE written by ip2p.base.save_vae")
+    return {k: json.loads(raw[k]) for k in ("config", "spec", "training", "report")}
+
+
+def load_vae(path: str | os.PathLike):
+    """Load a VAE written by :func:`save_vae`; returns ``(vae, header)``."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    header = read_vae_header(path)
+    config = {k: v for k, v in header["config"].items() if not k.startswith("_")}
+    vae = AutoencoderKL.from_config(config)
+    vae.load_state_dict(load_file(str(path)))
+    return vae.eval(), header
+
+
+def _vae_matches(path: Path, spec: VaeSpec, training: VaeTraining) -> bool:
+    try:
+        header = read_vae_header(path)
+    except (OSError, ValueError, json.JSONDecodeError):
+        return False
+    return header["spec"] == json.loads(json.dumps(dataclasses.asdict(spec))) and \
+        header["training"] == dataclasses.asdict(training)
+
+
+def ensure_vae(spec: VaeSpec, training: VaeTraining, cache_dir: str | os.PathLike, *,
+               device: torch.device | str = "cpu", progress: bool = True):
+    """The trained VAE of ``spec``/``training``: the shipped asset if it matches, else a cached or new training run.
+
+    Returns ``(vae, header)``. A run is cached in ``cache_dir/vae-<digest>.safetensors``.
+    """
+    if _vae_matches(VAE_ASSET, spec, training):
+        return load_vae(VAE_ASSET)
+    digest = _digest([dataclasses.asdict(spec), dataclasses.asdict(training)])
+    cached = Path(cache_dir) / f"vae-{digest}.safetensors"
+    if _vae_matches(cached, spec, training):
+        return load_vae(cached)
+    logger.info("no trained VAE for this spec in %s or %s; training one (steps=%d)", VAE_ASSET, cached,
+                training.steps)
+    vae, report = train_vae(spec, training, device=device, progress=progress)
+    save_vae(vae, cached, spec=spec, training=training, report=report)
+    return load_vae(cached)
+
+
+# ------------------------------------------------------------------------------------------------------- base folder
+
+
+def make_unet(spec: UNetSpec, latent_channels: int, cross_attention_dim: int, sample_size: int, seed: int = 0):
+    """A randomly initialised text-to-image ``UNet2DConditionModel`` (``in_channels = latent_channels``)."""
+    from diffusers import UNet2DConditionModel
+
+    if len(spec.attention) != len(spec.block_out_channels):
+        raise ValueError(f"unet attention={spec.attention} must have one flag per level of "
+                         f"block_out_channels={spec.block_out_channels}")
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        block_out_channels=tuple(spec.block_out_channels),
+        layers_per_block=spec.layers_per_block,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in spec.attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(spec.attention)),
+        cross_attention_dim=cross_attention_dim,
+        # diffusers reads attention_head_dim as the number of heads (its documented naming slip)
+        attention_head_dim=spec.attention_heads,
+        norm_num_groups=spec.norm_num_groups,
+    )
+
+
+def build_base(out_dir: str | os.PathLike, spec: BaseSpec = BaseSpec(), *, cache_dir: str | os.PathLike | None = None,
+               device: torch.device | str = "cpu", progress: bool = True, force: bool = False) -> Path:
+    """Write the base model of ``spec`` as a diffusers ``StableDiffusionPipeline`` folder; returns ``out_dir``.
+
+    A folder already holding the same spec (``ip2p_base.json``) is kept unless ``force``. The VAE comes from
+    :func:`ensure_vae` (the shipped asset, or trained once and cached in ``cache_dir``, default ``out_dir``'s parent).
+    """
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    from ip2p import tiny
+
+    out = Path(out_dir)
+    meta = {"spec": spec.to_dict()}
+    meta_path = out / BASE_META_FILE
+    if not force and meta_path.is_file():
+        try:
+            if json.loads(meta_path.read_text()).get("spec") == meta["spec"]:
+                logger.info("base model with the same spec found in %s; not rebuilding", out)
+                return out
+        except json.JSONDecodeError:
+            pass
+    cache = Path(cache_dir) if cache_dir is not None else out.parent
+    vae, header = ensure_vae(spec.vae, spec.vae_training, cache, device=device, progress=progress)
+    tokenizer = tiny.tiny_tokenizer()
+    text_encoder = tiny.tiny_text_encoder(len(tokenizer), seed=spec.seed + 2, hidden_size=spec.text_hidden_size)
+    latent_size = spec.vae.size // 2 ** (len(spec.vae.block_out_channels) - 1)
+    unet = make_unet(spec.unet, spec.vae.latent_channels, spec.text_hidden_size, latent_size, seed=spec.seed)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=PNDMScheduler(**tiny.SD_SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    meta["vae_report"] = header["report"]
+    meta["params"] = {name: sum(p.numel() for p in module.parameters())
+                      for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / BASE_META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("wrote the base model to %s (UNet %.2fM, VAE %.2fM, text encoder %.2fM parameters)", out,
+                *(meta["params"][k] / 1e6 for k in ("unet", "vae", "text_encoder")))
+    return out
+
+
+def read_base_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    """The ``ip2p_base.json`` of a base folder written by :func:`build_base` ({} if absent)."""
+    path = Path(folder) / BASE_META_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# --------------------------------------------------------------------------------------------------------------- CLI
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ip2p.base vae [--out PATH]`` or ``python -m ip2p.base build OUT``."""
+    parser = argparse.ArgumentParser(prog="python -m ip2p.base", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    vae_p = sub.add_parser("vae", help="train the base VAE on synthetic scenes and write it (default: the asset)")
+    vae_p.add_argument("--out", default=str(VAE_ASSET), help=f"safetensors file to write (default {VAE_ASSET})")
+    defaults_spec, defaults_training = VaeSpec(), VaeTraining()
+    vae_p.add_argument("--channels", type=_ints, default=defaults_spec.block_out_channels,
+                       help="block_out_channels, comma-separated (levels - 1 = log2 of the downsampling)")
+    vae_p.add_argument("--latent-channels", type=int, default=defaults_spec.latent_channels)
+    vae_p.add_argument("--layers-per-block", type=int, default=defaults_spec.layers_per_block)
+    for name in ("steps", "batch_size", "lr", "kl_weight", "seed"):
+        default = getattr(defaults_training, name)
+        vae_p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+    vae_p.add_argument("--device", default="cpu", help="torch device to train on (default cpu)")
+    vae_p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    build_p = sub.add_parser("build", help="write the base model as a diffusers folder")
+    build_p.add_argument("out", help="folder to write")
+    build_p.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command == "vae":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        spec = VaeSpec(block_out_channels=args.channels, latent_channels=args.latent_channels,
+                       layers_per_block=args.layers_per_block)
+        training = VaeTraining(steps=args.steps, batch_size=args.batch_size, lr=args.lr, kl_weight=args.kl_weight,
+                               seed=args.seed)
+        vae, report = train_vae(spec, training, device=args.device)
+        path = save_vae(vae, args.out, spec=spec, training=training, report=report)
+        logger.info("wrote %s (%.2f MB): %s", path, path.stat().st_size / 1e6, json.dumps(report))
+    else:
+        out = build_base(args.out, force=args.force)
+        logger.info("base model: %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,257 @@
+"""The built-in edit task end to end: ``python -m ip2p.demo [--quick] [--output DIR]`` (see docs/demo.md).
+
+Nothing is downloaded. The run goes through the same public paths a user's fine-tune does:
+
+1. data: ``ip2p.synthetic.write_dataset`` writes scenes, instructions, exact targets and masks as parquet
+   (``OUT/data``; kept when the parameters match);
+2. base: ``ip2p.base.build_base`` writes a tiny Stable Diffusion folder (``OUT/base``; its VAE is the trained one
+   shipped in ``ip2p/assets``, the UNet random, the text encoder a frozen random tiny CLIP);
+3. train: ``ip2p.training.train(load_config(configs/demo.yaml, [model.pretrained=OUT/base, data.path=OUT/data, ...]))``
+   writes ``OUT/final`` (diffusers folder) and ``OUT/final.safetensors`` (original single-file layout);
+4. evaluate both test splits (held-out shape/colour combinations, held-out phrasings) with ``ip2p.eval``;
+5. edit a few held-out examples into ``OUT/grid.png`` (input, edit, target, with the instructions);
+6. sweep the guidance scales: ``OUT/sweep.png``, ``OUT/sweep.csv``, ``OUT/sweep.json``;
+
+and writes ``OUT/metrics.json`` (both splits' success, strict success and per-type numbers, the base VAE's
+reconstruction quality, timings) and logs a one-line summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("ip2p.demo")
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SPLIT_NAMES = {"heldout_combinations": "test_heldout_combinations", "heldout_phrasings": "test_heldout_phrasings"}
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Everything the demo decides besides the training config (which lives in ``config``, a YAML file)."""
+
+    config: str
+    """Training config, relative to the repository's configs/ folder (or absolute)."""
+    n_train: int
+    n_test: int
+    """Examples in each test split; all of them are evaluated."""
+    base: Any = None
+    """``ip2p.base.BaseSpec`` (None: the default)."""
+    seed: int = 0
+    size: int = 64
+    steps: int = 10
+    scheduler: str = "euler_a"
+    text_guidance: float = 1.5
+    image_guidance: float = 1.2
+    batch_size: int = 64
+    grid_per_split: tuple[int, int] = (6, 2)
+    """Examples of (held-out combinations, held-out phrasings) in the grid; the first of each edit type first."""
+    sweep_examples: int = 36
+    sweep_steps: int = 8
+    image_scales: tuple[float, ...] = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2)
+    text_scales: tuple[float, ...] = (1.0, 1.5, 3.0, 5.0, 7.5)
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+    """Extra ``key=value`` training overrides."""
+
+
+def _quick_base() -> Any:
+    from ip2p.base import BaseSpec, UNetSpec
+
+    # The same (shipped) VAE, a much smaller UNet: the quick run checks the plumbing, not the quality.
+    return BaseSpec(unet=UNetSpec(block_out_channels=(32, 32), layers_per_block=1, attention=(False, True),
+                                  attention_heads=4))
+
+
+DEMOS: dict[str, DemoSettings] = {
+    "full": DemoSettings(config="demo.yaml", n_train=6000, n_test=120),
+    "quick": DemoSettings(config="demo-quick.yaml", n_train=48, n_test=12, base=_quick_base(), steps=4,
+                          batch_size=16, grid_per_split=(3, 1), sweep_examples=6, sweep_steps=2,
+                          image_scales=(1.0, 1.6, 2.2), text_scales=(1.0, 3.0)),
+}
+
+
+def _config_path(name: str) -> Path:
+    path = Path(name)
+    return path if path.is_absolute() else CONFIGS / name
+
+
+def _grid_examples(examples: Sequence[Any], count: int) -> list[int]:
+    """Indices of ``count`` examples, one per edit type first (in order of appearance), then the next ones."""
+    picked: list[int] = []
+    seen: set[str] = set()
+    for i, e in enumerate(examples):
+        if e.edit_type not in seen:
+            seen.add(e.edit_type)
+            picked.append(i)
+    picked = picked[:count]
+    picked += [i for i in range(len(examples)) if i not in picked][: count - len(picked)]
+    return picked
+
+
+def _grid(rows: Sequence[tuple[Any, Any, str]], scale: int = 3):
+    """A labelled grid: one row per (example, output, split label): input | edited | target."""
+    from PIL import Image
+
+    from ip2p.eval.metrics import edit_success
+    from ip2p.images import make_grid
+
+    def big(array: Any) -> Image.Image:
+        image = Image.fromarray(array)
+        return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+
+    cells, labels = [], []
+    for example, output, split in rows:
+        verdict = edit_success(output, example)
+        mark = "strict success" if verdict["strict_success"] else ("success" if verdict["success"] else "failure")
+        cells.append([big(example.source), big(output), big(example.target)])
+        labels.append(f'"{example.instruction}" ({example.edit_type}, {split}: {mark})')
+    return make_grid(cells, row_labels=labels, col_labels=["input", "edited by the model", "target"])
+
+
+def _summary_line(metrics: dict[str, Any]) -> str:
+    parts = []
+    for key in SPLIT_NAMES:
+        m = metrics[key]
+        by_type = ", ".join(f"{t} {v['success']:.2f}" for t, v in m["by_type"].items())
+        parts.append(f"{key} success {m['success']:.2f} (strict {m['strict_success']:.2f}; {by_type})")
+    return "; ".join(parts) + f"; {metrics['wall_seconds']:.0f} s"
+
+
+def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = DEMOS["full"], *,
+             config: str | os.PathLike | None = None, overrides: Sequence[str] = (), progress: bool = True,
+             device: str | None = None) -> dict[str, Any]:
+    """Run the whole demo into ``output``; returns the metrics written to ``output/metrics.json``.
+
+    ``device``: where evaluation runs (default the CPU; training goes wherever Accelerate puts it).
+    """
+    from ip2p import synthetic
+    from ip2p.base import BaseSpec, build_base, read_base_meta
+    from ip2p.config import load_config
+    from ip2p.eval.evaluate import load_examples, run_edits, sampling_settings, score_edits, write_json
+    from ip2p.eval.sweep import guidance_sweep, plot_sweep, write_table
+    from ip2p.images import save_image
+    from ip2p.models import load_editor
+    from ip2p.training import train
+
+    started = time.perf_counter()
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 1)
+        logger.info("%s: %.1f s", name, timings[name])
+        return now
+
+    t = time.perf_counter()
+    logger.info("1/6 data: %d training and 2 x %d test examples -> %s", settings.n_train, settings.n_test, out / "data")
+    data = synthetic.write_dataset(out / "data", n_train=settings.n_train, n_test=settings.n_test,
+                                   seed=settings.seed, size=settings.size, progress=progress)
+    t = lap("data", t)
+
+    logger.info("2/6 base model -> %s", out / "base")
+    spec = settings.base if settings.base is not None else BaseSpec()
+    base = build_base(out / "base", spec, progress=progress)
+    base_meta = read_base_meta(base)
+    t = lap("base", t)
+
+    config_path = Path(config) if config is not None else _config_path(settings.config)
+    cfg = load_config(config_path, [f"output_dir={out}", f"model.pretrained={base}", f"data.path={data}",
+                                    f"seed={settings.seed}", *settings.overrides, *overrides])
+    logger.info("3/6 training (%s: %d steps of %d) -> %s", config_path, cfg.train.max_steps, cfg.train.batch_size,
+                out / "final")
+    final = train(cfg)
+    t = lap("train", t)
+
+    sampling = dict(steps=settings.steps, text_guidance=settings.text_guidance,
+                    image_guidance=settings.image_guidance, scheduler=settings.scheduler, seed=settings.seed)
+    logger.info("4/6 evaluating both test splits (%s)", sampling)
+    model = load_editor(final, expand=False, device=device)
+    metrics: dict[str, Any] = {}
+    examples, outputs = {}, {}
+    for key, split in SPLIT_NAMES.items():
+        examples[key] = load_examples(data, split=split)
+        outputs[key] = run_edits(model, examples[key], batch_size=settings.batch_size, progress=progress, **sampling)
+        metrics[key] = score_edits(examples[key], outputs[key])
+        logger.info("%s: success %.3f, strict %.3f (n=%d)", key, metrics[key]["success"],
+                    metrics[key]["strict_success"], metrics[key]["n"])
+    t = lap("evaluate", t)
+
+    logger.info("5/6 grid of held-out edits -> %s", out / "grid.png")
+    rows = []
+    for (key, split), count in zip(SPLIT_NAMES.items(), settings.grid_per_split):
+        for i in _grid_examples(examples[key], count):
+            rows.append((examples[key][i], outputs[key][i], key.replace("_", " ")))
+    save_image(_grid(rows), out / "grid.png")
+    t = lap("grid", t)
+
+    logger.info("6/6 guidance sweep on %d held-out-combination examples", settings.sweep_examples)
+    sweep_examples = examples["heldout_combinations"][: settings.sweep_examples]
+    sweep_sampling = dict(sampling, steps=settings.sweep_steps)
+    rows = guidance_sweep(model, sweep_examples, image_scales=settings.image_scales,
+                          text_scales=settings.text_scales, batch_size=settings.batch_size, progress=progress,
+                          **sweep_sampling)
+    write_json(rows, out / "sweep.json")
+    write_table(rows, out / "sweep.csv")
+    plot_sweep(rows, out / "sweep.png", title=f"guidance sweep: {len(sweep_examples)} held-out-combination edits, "
+                                                 f"{settings.sweep_steps} {settings.scheduler} steps")
+    lap("sweep", t)
+
+    metrics.update({
+        "settings": sampling_settings(**sampling),
+        "sweep": {"file": "sweep.json", "examples": len(sweep_examples), **sampling_settings(**sweep_sampling)},
+        "base": {"vae": base_meta.get("vae_report", {}), "params": base_meta.get("params", {}),
+                 "spec": base_meta.get("spec", {})},
+        "training": {"config": str(config_path), "max_steps": cfg.train.max_steps,
+                     "batch_size": cfg.train.batch_size, "samples": cfg.train.max_steps * cfg.train.batch_size,
+                     "n_train": settings.n_train, "prediction_type": cfg.model.prediction_type},
+        "timings": timings,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "files": {name: str(out / name) for name in
+                  ("final", "final.safetensors", "grid.png", "metrics.json", "sweep.png", "sweep.csv", "sweep.json")},
+    })
+    write_json(metrics, out / "metrics.json")
+    for name, path in metrics["files"].items():
+        logger.info("%-17s %s%s", name, path, "" if Path(path).exists() else " (missing)")
+    logger.info("summary: %s", _summary_line(metrics))
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ip2p.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the whole path in about a minute")
+    parser.add_argument("--output", default=None, help="output folder (default runs/demo, or runs/demo-quick)")
+    parser.add_argument("--config", default=None, help="training YAML (default configs/demo.yaml or demo-quick.yaml)")
+    parser.add_argument("--device", default=None, help="torch device for evaluation (default: the CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    name = "quick" if args.quick else "full"
+    output = args.output or ("runs/demo-quick" if args.quick else "runs/demo")
+    from ip2p.config import ConfigError
+
+    try:
+        run_demo(output, DEMOS[name], config=args.config, overrides=args.overrides, device=args.device)
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        logger.error("error: %s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

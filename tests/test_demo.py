@@ -1,0 +1,71 @@
+"""The built-in edit task end to end (`python -m ip2p.demo --quick`) and its base model (ip2p.base)."""
+
+import json
+
+import pytest
+from diffusers import StableDiffusionInstructPix2PixPipeline
+
+from ip2p import base, demo
+from ip2p.config import load_config
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert demo.main(["--quick", "--output", str(out)]) == 0
+    return out
+
+
+def test_quick_demo_writes_every_output(quick_run):
+    for name in ("final", "final.safetensors", "grid.png", "metrics.json", "sweep.png", "sweep.csv", "sweep.json",
+                 "data/params.json", "base/model_index.json"):
+        assert (quick_run / name).exists(), name
+    assert (quick_run / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    # The model is an ordinary InstructPix2Pix folder that diffusers loads.
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(quick_run / "final")
+    assert pipe.unet.config.in_channels == 2 * pipe.vae.config.latent_channels
+
+
+def test_quick_demo_metrics_structure(quick_run):
+    metrics = json.loads((quick_run / "metrics.json").read_text())
+    for split in ("heldout_combinations", "heldout_phrasings"):
+        m = metrics[split]
+        assert 0.0 <= m["success"] <= 1.0 and 0.0 <= m["strict_success"] <= 1.0
+        assert set(m["by_type"]) == {"recolour_object", "recolour_background", "remove_object", "add_object",
+                                     "move_object", "change_shape"}
+        assert all({"success", "strict_success", "n"} <= set(v) for v in m["by_type"].values())
+        assert m["n"] == demo.DEMOS["quick"].n_test
+    assert metrics["wall_seconds"] > 0
+    assert set(metrics["timings"]) == {"data", "base", "train", "evaluate", "grid", "sweep"}
+    assert metrics["base"]["vae"]["psnr"] > 30  # the shipped VAE's held-out reconstruction quality
+    assert metrics["training"]["max_steps"] == load_config(demo.CONFIGS / "demo-quick.yaml").train.max_steps
+    sweep = json.loads((quick_run / "sweep.json").read_text())
+    quick = demo.DEMOS["quick"]
+    assert len(sweep) == len(quick.image_scales) + len(quick.text_scales)
+
+
+def test_demo_configs_load():
+    for name in ("demo.yaml", "demo-quick.yaml"):
+        cfg = load_config(demo.CONFIGS / name)
+        # Left/right instructions: a flip would contradict them; 64 px scenes are used as they are.
+        assert not cfg.data.random_flip and not cfg.data.random_crop and cfg.data.resolution == 64
+        assert cfg.model.prediction_type == "v_prediction"
+
+
+def test_shipped_vae_matches_the_default_spec():
+    vae, header = base.load_vae(base.VAE_ASSET)
+    assert header["spec"]["latent_channels"] == base.VaeSpec().latent_channels == vae.config.latent_channels
+    assert base._vae_matches(base.VAE_ASSET, base.VaeSpec(), base.VaeTraining())
+    assert header["report"]["psnr"] > 35 and header["report"]["oracle_success"] == 1.0
+    assert abs(vae.config.scaling_factor * header["report"]["latent_std"] - 1) < 1e-6
+
+
+def test_build_base_is_cached_and_checked(tmp_path):
+    spec = demo.DEMOS["quick"].base
+    out = base.build_base(tmp_path / "base", spec, progress=False)
+    stamp = (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    assert base.build_base(out, spec, progress=False) == out  # same spec: kept
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
+    assert base.read_base_meta(out)["spec"] == spec.to_dict()
+    with pytest.raises(ValueError, match="one flag per level"):
+        base.make_unet(base.UNetSpec(block_out_channels=(32, 64), attention=(True,)), 16, 32, 16)

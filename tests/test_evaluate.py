@@ -1,0 +1,133 @@
+"""Evaluation driver, guidance sweep and the `python -m ip2p.eval` CLI on synthetic examples (ip2p.eval)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ip2p import sampling, synthetic, tiny
+from ip2p.eval import evaluate as ev
+from ip2p.eval import sweep as sw
+from ip2p.models import load_editor
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def examples():
+    """Two examples of every edit type (the split cycles through the types)."""
+    return synthetic.generate_split("test_heldout_combinations", 2 * len(synthetic.EDIT_TYPES), seed=0)
+
+
+@pytest.fixture(scope="module")
+def editor(tiny_editor_dir):
+    return load_editor(tiny_editor_dir, expand=False)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return synthetic.write_dataset(tmp_path_factory.mktemp("synthetic") / "data", n_train=6, n_test=6, seed=0)
+
+
+def _patch_edit(monkeypatch, examples, pick):
+    """Replace the sampler by a function of each example: ``pick(example)`` -> (H, W, 3) uint8 image."""
+    by_source = {(e.source.tobytes(), e.instruction): e for e in examples}
+
+    def fake_edit(model, images, instructions, **kwargs):
+        sources = ((images.permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
+        chosen = [pick(by_source[(s.tobytes(), i)]) for s, i in zip(sources, instructions)]
+        return torch.from_numpy(np.stack(chosen)).permute(0, 3, 1, 2).float() / 255
+
+    monkeypatch.setattr(sampling, "edit", fake_edit)
+
+
+def test_evaluate_reports_every_metric_and_type(editor, examples):
+    summary = ev.evaluate(editor, examples, steps=STEPS, text_guidance=1.5, image_guidance=1.2, batch_size=5,
+                          progress=False)
+    for key in ("n", "success", "strict_success", "edit_ok", "rest_ok", "l1", "psnr", "err_in_mask", "err_out_mask",
+                "err_changed", "l1_to_source", "by_type", "settings"):
+        assert key in summary, key
+    assert summary["n"] == len(examples)
+    assert list(summary["by_type"]) == list(synthetic.EDIT_TYPES)
+    assert all(entry["n"] == 2 and 0.0 <= entry["success"] <= 1.0 for entry in summary["by_type"].values())
+    assert summary["settings"] == {"steps": STEPS, "text_guidance": 1.5, "image_guidance": 1.2,
+                                   "scheduler": "euler_a", "seed": 0}
+    json.dumps(summary)  # JSON-ready
+
+
+def test_edits_are_reproducible_and_independent_of_batch_size(editor, examples):
+    kwargs = dict(steps=STEPS, text_guidance=1.5, image_guidance=1.2, scheduler="euler", seed=3, progress=False)
+    whole = ev.run_edits(editor, examples[:4], batch_size=4, **kwargs)
+    split = ev.run_edits(editor, examples[:4], batch_size=3, **kwargs)
+    assert all(out.dtype == np.uint8 and out.shape == (64, 64, 3) for out in whole)
+    # Deterministic sampler + per-example initial noise: batching does not change the pictures (up to float rounding).
+    assert all(np.abs(a.astype(int) - b.astype(int)).max() <= 1 for a, b in zip(whole, split))
+
+
+def test_oracle_editor_succeeds_everywhere_and_identity_nowhere(editor, examples, monkeypatch):
+    _patch_edit(monkeypatch, examples, lambda e: e.target)
+    oracle = ev.evaluate(editor, examples, steps=STEPS, progress=False)
+    assert oracle["success"] == 1.0 and oracle["strict_success"] == 1.0
+    assert all(entry["success"] == 1.0 for entry in oracle["by_type"].values())
+    assert oracle["l1"] == 0.0 and oracle["err_out_mask"] == 0.0
+
+    _patch_edit(monkeypatch, examples, lambda e: e.source)
+    identity = ev.evaluate(editor, examples, steps=STEPS, progress=False)
+    assert identity["l1_to_source"] == 0.0 and identity["rest_ok"] == 1.0
+    assert identity["success"] == 0.0  # leaving the image unchanged never does what was asked
+
+
+def test_load_examples_from_dataset_folder_and_glob(dataset):
+    rows = ev.load_examples(dataset, split="test_heldout_phrasings")
+    assert len(rows) == 6 and all(isinstance(r, synthetic.EditExample) for r in rows)
+    assert rows[0].instruction == next(synthetic.iter_split("test_heldout_phrasings", 1, 0)).instruction
+    assert np.array_equal(rows[0].target, next(synthetic.iter_split("test_heldout_phrasings", 1, 0)).target)
+    assert len(ev.load_examples(str(dataset / "data" / "test_heldout_combinations-*.parquet"), limit=4)) == 4
+    with pytest.raises(ValueError, match="split="):
+        ev.load_examples(dataset, split="validation")
+    with pytest.raises(FileNotFoundError):
+        ev.load_examples(dataset / "missing")
+
+
+def test_scene_caption():
+    scene = {"background": "white", "objects": [{"shape": "circle", "colour": "red"},
+                                                {"shape": "star", "colour": "orange"}]}
+    assert ev.scene_caption(scene) == "a red circle and an orange star on a white background"
+    assert ev.scene_caption({"background": "blue", "objects": []}) == "an empty blue background"
+
+
+def test_clip_similarities_with_a_tiny_clip(editor, examples, tmp_path, monkeypatch):
+    clip_dir = tiny.save_tiny_clip(tmp_path / "clip")
+    _patch_edit(monkeypatch, examples, lambda e: e.target)
+    summary = ev.evaluate(editor, examples[:6], clip=str(clip_dir), progress=False)
+    for key in ("clip_sim_image", "clip_sim_dir"):
+        assert -1.0 <= summary[key] <= 1.0
+        assert key in summary["by_type"]["recolour_object"]
+
+
+def test_guidance_sweep_table_and_plot(editor, examples, tmp_path):
+    rows = sw.guidance_sweep(editor, examples[:3], text_guidance=1.5, image_guidance=1.2, image_scales=(1.0, 1.6, 2.2),
+                             text_scales=(1.0, 3.0), steps=1, batch_size=3, progress=False)
+    assert [(r["sweep"], r["text_guidance"], r["image_guidance"]) for r in rows] == [
+        ("image", 1.5, 1.0), ("image", 1.5, 1.6), ("image", 1.5, 2.2), ("text", 1.0, 1.2), ("text", 3.0, 1.2)]
+    assert all(set(sw.ROW_KEYS) <= set(r) for r in rows)
+    png = sw.plot_sweep(rows, tmp_path / "sweep.png", title="test")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = sw.write_table(rows, tmp_path / "sweep.csv").read_text().splitlines()
+    assert len(table) == 1 + len(rows) and table[0].startswith("sweep,text_guidance,image_guidance,success")
+
+
+def test_cli_writes_metrics_and_sweep(tiny_editor_dir, dataset, tmp_path):
+    from ip2p.eval.__main__ import main
+
+    out = tmp_path / "eval"
+    code = main(["--checkpoint", str(tiny_editor_dir), "--data", str(dataset), "--output", str(out), "--limit", "2",
+                 "--steps", "1", "--sweep", "--sweep-limit", "2", "--image-scales", "1.0,2.0", "--text-scales", "1.0"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"test_heldout_combinations", "test_heldout_phrasings"}
+    assert metrics["test_heldout_combinations"]["n"] == 2
+    assert len(json.loads((out / "sweep.json").read_text())) == 3
+    assert (out / "sweep.png").is_file() and (out / "sweep.csv").is_file()
+    assert main(["--checkpoint", str(tiny_editor_dir), "--data", str(tmp_path / "none"), "--output", str(out)]) == 2
