@@ -20,7 +20,7 @@ import yaml
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 ATTENTION = ("sdpa", "xformers")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 CACHE_MODES = ("none", "text", "text+latents")
 TRACKERS = ("tensorboard", "wandb")
@@ -33,7 +33,10 @@ class ModelConfig:
     config_dir: str | None = None
     """Local diffusers folder describing the architecture of a single-file base model."""
     prediction_type: str | None = None
-    """Override the scheduler's prediction type: epsilon or v_prediction (None keeps the base model's)."""
+    """Override the scheduler's prediction type: epsilon, v_prediction or sample (x0; None keeps the base model's)."""
+    zero_terminal_snr: bool = False
+    """Rescale the base's betas to zero terminal SNR with trailing timesteps (Lin et al. 2024), so that the last
+    training step holds no trace of the target and sampling starts where training did; needs v_prediction or sample."""
     scale_source_latent: bool = False
     """Scale the source latent by the VAE factor (CosXL-style); the paper and released models do not."""
     attention: str = "sdpa"
@@ -135,8 +138,8 @@ class ValidationConfig:
     """Text guidance scale s_T for validation edits."""
     image_guidance: float = 1.5
     """Image guidance scale s_I for validation edits."""
-    scheduler: str = "euler_a"
-    """Sampler for validation edits (see infer.py --scheduler)."""
+    scheduler: str | None = None
+    """Sampler for validation edits (see infer.py --scheduler; None: euler_a, or euler for prediction_type=sample)."""
     seed: int = 0
     """Seed of the validation edits' noise."""
     resolution: int = 256

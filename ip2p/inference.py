@@ -22,10 +22,12 @@ from ip2p import images as img
 from ip2p.models import load_editor
 from ip2p.sampling import (
     DEFAULT_IMAGE_GUIDANCE,
+    DEFAULT_SAMPLE_SCHEDULER,
     DEFAULT_SCHEDULER,
     DEFAULT_STEPS,
     DEFAULT_TEXT_GUIDANCE,
     SCHEDULERS,
+    default_scheduler,
     edit,
     make_scheduler,
 )
@@ -54,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-guidance", type=float, default=DEFAULT_TEXT_GUIDANCE, help="s_T (default: %(default)s)")
     p.add_argument("--image-guidance", type=float, default=DEFAULT_IMAGE_GUIDANCE, help="s_I (default: %(default)s)")
     p.add_argument("--seed", type=int, help="random seed (a CPU generator; random and reported when absent)")
-    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=DEFAULT_SCHEDULER,
-                   help="sampler (default: %(default)s)")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
+                   help=f"sampler (default: {DEFAULT_SCHEDULER}, or {DEFAULT_SAMPLE_SCHEDULER} for a model trained "
+                        "with prediction_type=sample)")
     p.add_argument("--resolution", type=int, default=512,
                    help="long side of the edited image; 0 keeps the input size (floored to --multiple, as diffusers' "
                         "pipeline does) (default: %(default)s)")
@@ -179,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_editor(args.checkpoint, config_dir=args.config_dir, allow_pickle=args.allow_pickle,
                         scale_source_latent=scale, expand=False, torch_dtype=dtype, device=device)
     scheduler = make_scheduler(args.scheduler, model.scheduler.config)
+    args.scheduler = args.scheduler or default_scheduler(model.scheduler.config.get("prediction_type"))
     multiple = model.vae_scale_factor if args.multiple is None else args.multiple
     if multiple < 1 or multiple % model.vae_scale_factor:
         raise ValueError(f"--multiple {multiple} must be a positive multiple of the VAE's downsampling factor "

@@ -42,12 +42,51 @@ DEFAULT_SCHEDULER = "euler_a"
 DEFAULT_STEPS = 50
 DEFAULT_TEXT_GUIDANCE = 7.5
 DEFAULT_IMAGE_GUIDANCE = 1.5
+# diffusers' Euler-ancestral and PNDM steps cannot take an x0 ("sample") prediction; models trained so use Euler.
+NO_SAMPLE_PREDICTION = (EulerAncestralDiscreteScheduler, PNDMScheduler)
+DEFAULT_SAMPLE_SCHEDULER = "euler"
 
 
-def make_scheduler(name: str, base_config) -> object:
-    """A scheduler of the short ``name`` built from a pipeline's scheduler config (betas, prediction type)."""
+def default_scheduler(prediction_type: str | None) -> str:
+    """The default sampler's short name for a model of ``prediction_type`` (Euler-ancestral where it can be used)."""
+    return DEFAULT_SAMPLE_SCHEDULER if prediction_type == "sample" else DEFAULT_SCHEDULER
+
+
+def unsupported(cls: type, config) -> str | None:
+    """Why scheduler class ``cls`` cannot sample a model whose scheduler config is ``config``, or None if it can.
+
+    Two model properties need support: x0 ("sample") prediction, and betas rescaled to zero terminal SNR (a
+    scheduler without that option would silently sample with the original betas).
+    """
+    if config.get("prediction_type") == "sample" and issubclass(cls, NO_SAMPLE_PREDICTION):
+        return "prediction_type='sample'"
+    if config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in inspect.signature(cls).parameters:
+        return "betas rescaled to zero terminal SNR"
+    return None
+
+
+def check_scheduler(scheduler, config=None) -> None:
+    """Refuse a scheduler (a class or an instance) that cannot sample the model whose scheduler config is ``config``
+    (default: the instance's own; see ``unsupported``), before any work is done."""
+    cls = scheduler if isinstance(scheduler, type) else type(scheduler)
+    config = scheduler.config if config is None else config
+    reason = unsupported(cls, config)
+    if reason:
+        usable = ", ".join(n for n, c in SCHEDULERS.items() if not unsupported(c, config))
+        raise ValueError(f"the {cls.__name__} sampler cannot use a model trained with {reason}; "
+                         f"choose one of {usable}")
+
+
+def make_scheduler(name: str | None, base_config) -> object:
+    """A scheduler of the short ``name`` built from a pipeline's scheduler config (betas, prediction type).
+
+    ``name=None`` picks ``default_scheduler`` for the config's prediction type.
+    """
+    if name is None:
+        name = default_scheduler(base_config.get("prediction_type"))
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler={name!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
+    check_scheduler(SCHEDULERS[name], base_config)  # a class without an option drops it from the config: check first
     return SCHEDULERS[name].from_config(base_config)
 
 
@@ -68,6 +107,7 @@ def sample(denoiser: Denoiser, scheduler, latents: torch.Tensor, *, steps: int,
     """Run ``scheduler`` for ``steps`` from initial noise ``latents`` (B, C, h, w), unscaled N(0, 1)."""
     if steps < 1:
         raise ValueError(f"steps={steps} must be at least 1")
+    check_scheduler(scheduler)
     scheduler.set_timesteps(steps, device=latents.device)
     latents = latents * scheduler.init_noise_sigma
     kwargs = _step_kwargs(scheduler, generator, eta)

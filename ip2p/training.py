@@ -110,11 +110,29 @@ def draw_step(indices: list[int], seed: int, num_timesteps: int, latent_shape: t
 
 
 def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023) for epsilon or v targets. Returns (B,)."""
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for epsilon, v or sample (x0) targets. Returns (B,).
+
+    Each target's MSE is the x0 MSE times a factor of the SNR (1/snr for epsilon, 1/(snr+1) for v, 1 for x0); the
+    weight makes every one of them min(snr, gamma) times the x0 MSE.
+    """
     alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
     snr = alphas / (1 - alphas)
     clipped = torch.clamp(snr, max=gamma)
+    if prediction_type == "sample":
+        return clipped
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+def override_config(config: dict, **changes) -> dict:
+    """``config`` (a diffusers config) with ``changes`` applied, kept by ``from_config``.
+
+    diffusers lists the keys a loaded config left at their defaults under ``_use_default_values`` and drops them in
+    ``from_config``: an override of such a key (SD 1.5's scheduler JSON has no ``prediction_type``) must leave that list.
+    """
+    out = dict(config, **changes)
+    if "_use_default_values" in out:
+        out["_use_default_values"] = [k for k in out["_use_default_values"] if k not in changes]
+    return out
 
 
 def per_example_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -249,8 +267,12 @@ class Trainer:
         components, _ = load_components(cfg.model.pretrained, config_dir=cfg.model.config_dir)
         self.tokenizer = components["tokenizer"]
         self.base_scheduler_config = dict(components["scheduler"].config)
+        changes = {}
         if cfg.model.prediction_type:
-            self.base_scheduler_config["prediction_type"] = cfg.model.prediction_type
+            changes["prediction_type"] = cfg.model.prediction_type
+        if cfg.model.zero_terminal_snr:
+            changes.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        self.base_scheduler_config = override_config(self.base_scheduler_config, **changes)
         from diffusers import DDPMScheduler
 
         self.noise_scheduler = DDPMScheduler.from_config(self.base_scheduler_config)
@@ -258,6 +280,17 @@ class Trainer:
         if self.prediction_type not in cfgmod.PREDICTION_TYPES:
             raise ValueError(f"prediction type {self.prediction_type!r} of {cfg.model.pretrained} is not supported; "
                              f"set model.prediction_type to one of {', '.join(cfgmod.PREDICTION_TYPES)}")
+        if self.base_scheduler_config.get("rescale_betas_zero_snr") and self.prediction_type == "epsilon":
+            raise cfgmod.ConfigError("model.zero_terminal_snr: the noise at the last timestep says nothing about "
+                                     "the image, so epsilon prediction cannot work; set model.prediction_type to "
+                                     "v_prediction or sample")
+        if cfg.validation.images:  # a sampler that cannot step this prediction type fails now, not mid-run
+            from ip2p.sampling import make_scheduler
+
+            try:
+                make_scheduler(cfg.validation.scheduler, self.base_scheduler_config)
+            except ValueError as e:
+                raise cfgmod.ConfigError(f"validation.scheduler: {e}") from None
 
         unet = components["unet"]
         self.latent_channels = int(components["vae"].config.latent_channels)
@@ -407,6 +440,8 @@ class Trainer:
         noisy = self.noise_scheduler.add_noise(tgt_lat, noise, timesteps)
         if self.prediction_type == "v_prediction":
             goal = self.noise_scheduler.get_velocity(tgt_lat, noise, timesteps)
+        elif self.prediction_type == "sample":
+            goal = tgt_lat
         else:
             goal = noise
         weights = valid.float()
@@ -520,14 +555,16 @@ class Trainer:
         if self.is_main:
             import copy
 
-            from diffusers import DDPMScheduler
+            import diffusers
+
+            from ip2p.sampling import unsupported
 
             unet = copy.deepcopy(acc.unwrap_model(self.unet)).float().eval()
             if self.ema is not None:
                 self.ema.copy_to(unet.parameters())
-            import diffusers
-
-            cls = getattr(diffusers, self.base_scheduler_config.get("_class_name", ""), DDPMScheduler)
+            cls = getattr(diffusers, self.base_scheduler_config.get("_class_name", ""), diffusers.DDPMScheduler)
+            if unsupported(cls, self.base_scheduler_config):  # e.g. SD's PNDM cannot step x0 predictions
+                cls = diffusers.EulerDiscreteScheduler  # so that diffusers' pipeline samples the export as it is
             components = SimpleNamespace(unet=unet, vae=self.vae.float(), text_encoder=self.text_encoder.float(),
                                          tokenizer=self.tokenizer, scheduler=cls.from_config(self.base_scheduler_config),
                                          scale_source_latent=self.cfg.model.scale_source_latent)

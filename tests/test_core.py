@@ -8,7 +8,7 @@ from ip2p import tiny
 from ip2p.conditioning import apply_dropout, draw_dropout, dropout_masks, encode_source
 from ip2p.guidance import branch_weights, combine, needed_branches, two_scale_denoiser
 from ip2p.models import EditorModel, expand_conv_in, load_editor
-from ip2p.sampling import SCHEDULERS, edit, make_scheduler
+from ip2p.sampling import NO_SAMPLE_PREDICTION, SCHEDULERS, default_scheduler, edit, make_scheduler
 
 
 # ---- conv_in surgery ----------------------------------------------------------------------------------------------
@@ -206,6 +206,58 @@ def test_edit_with_s_i_one_matches_three_branch_value(editor_and_pipe):
     full, img, none = model.unet(inp, t, encoder_hidden_states=ctx).sample.chunk(3)
     want = none + 1.0 * (img - none) + 7.5 * (full - img)
     torch.testing.assert_close(two, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpm++"])
+def test_sample_prediction_edit_matches_diffusers(editor_and_pipe, scheduler):
+    """A model trained to predict x0 ("sample") is sampled exactly as diffusers samples it."""
+    model, pipe = editor_and_pipe
+    config = dict(model.scheduler.config, prediction_type="sample")
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    pipe.scheduler = make_scheduler(scheduler, config)
+    want = pipe("x", image=(image + 1) / 2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                output_type="pt").images
+    got = edit(model, image, ["x"], steps=3, scheduler=make_scheduler(scheduler, config),
+               generator=torch.Generator().manual_seed(0), progress=False)
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_sample_prediction_refuses_samplers_that_cannot_step_it(editor_and_pipe):
+    model, _ = editor_and_pipe
+    config = dict(model.scheduler.config, prediction_type="sample")
+    assert default_scheduler("sample") == "euler" and default_scheduler("epsilon") == "euler_a"
+    assert type(make_scheduler(None, config)).__name__ == "EulerDiscreteScheduler"
+    for name, cls in SCHEDULERS.items():
+        if issubclass(cls, NO_SAMPLE_PREDICTION):
+            with pytest.raises(ValueError, match=f"{cls.__name__} sampler cannot use .*choose one of euler"):
+                make_scheduler(name, config)
+    # A scheduler object loaded from a folder is checked when sampling starts, before any UNet call.
+    pndm = SCHEDULERS["pndm"].from_config(config)
+    with pytest.raises(ValueError, match="prediction_type='sample'"):
+        edit(model, torch.zeros(1, 3, 16, 16), ["x"], steps=1, scheduler=pndm, progress=False)
+
+
+@pytest.mark.parametrize("scheduler", ["euler_a", "ddim", "unipc"])
+def test_zero_terminal_snr_edit_matches_diffusers(editor_and_pipe, scheduler):
+    model, pipe = editor_and_pipe
+    config = dict(model.scheduler.config, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                  timestep_spacing="trailing")
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    pipe.scheduler = make_scheduler(scheduler, config)
+    assert pipe.scheduler.config.rescale_betas_zero_snr
+    want = pipe("x", image=(image + 1) / 2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                output_type="pt").images
+    got = edit(model, image, ["x"], steps=3, scheduler=make_scheduler(scheduler, config),
+               generator=torch.Generator().manual_seed(0), progress=False)
+    assert torch.isfinite(got).all() and (got - want).abs().max().item() <= 1e-5
+
+
+def test_zero_terminal_snr_refuses_samplers_without_the_option(editor_and_pipe):
+    model, _ = editor_and_pipe
+    config = dict(model.scheduler.config, prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    for name in ("pndm", "lms", "heun"):  # their configs have no such option: they would sample with other betas
+        with pytest.raises(ValueError, match="zero terminal SNR; choose one of euler_a, euler, ddim"):
+            make_scheduler(name, config)
 
 
 def test_edit_rejects_bad_inputs(editor_and_pipe):

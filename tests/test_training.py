@@ -87,6 +87,13 @@ def test_min_snr_weights_and_loss():
     t = torch.tensor([1, 500, 999])
     w = snr_weights(sched, t, 5.0, "epsilon")
     assert w[0] < 1.0 and w[2] == pytest.approx(1.0)  # high SNR clipped, low SNR untouched (epsilon)
+    # Every parameterisation gets the same effective x0 weight min(snr, gamma).
+    alphas = sched.alphas_cumprod[t]
+    snr = alphas / (1 - alphas)
+    x0 = snr_weights(sched, t, 5.0, "sample")
+    torch.testing.assert_close(x0, torch.clamp(snr, max=5.0))
+    torch.testing.assert_close(snr_weights(sched, t, 5.0, "v_prediction") * (snr + 1), x0)
+    torch.testing.assert_close(w * snr, x0)
     assert per_example_mse(torch.ones(2, 3), torch.zeros(2, 3)).tolist() == [1.0, 1.0]
 
 
@@ -113,6 +120,81 @@ def test_train_main_end_to_end_exports_a_loadable_editor(tmp_path, data_dir):
     # EMA weights are what gets exported: they differ from the raw weights in the last checkpoint.
     raw = load_file(out / "checkpoints" / "step-000004" / "model.safetensors")
     assert max_diff(raw, unet_weights(out / "final")) > 0
+
+
+def test_sample_prediction_trains_and_exports_a_pipeline_diffusers_can_sample(tmp_path, data_dir):
+    """prediction_type=sample: the UNet learns x0; validation and the export use a sampler that can step it."""
+    from ip2p.tiny import save_tiny_pipeline
+
+    base = save_tiny_pipeline(tmp_path / "base", in_channels=4)
+    # Stable Diffusion 1.5's scheduler JSON as shipped: PNDM, no prediction_type key (so diffusers lists it under
+    # _use_default_values when loading, and from_config would drop a naive override of it).
+    (base / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+        "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+        "trained_betas": None, "clip_sample": False}))
+    out = tmp_path / "x0"
+    img = ROOT / "configs" / "examples" / "scene0.png"
+    rc = train.main(overrides(out, data_dir, f"model.pretrained={base}", "model.prediction_type=sample",
+                              "validation.every=4",
+                              f"validation.images=[{img}]", "validation.instructions=[x]", "validation.steps=2",
+                              "validation.resolution=32"))
+    assert rc == 0 and (out / "validation" / "step-000004.png").is_file()
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(out / "final")
+    # PNDM cannot step x0 predictions: the export switches to Euler.
+    assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    assert pipe.scheduler.config.prediction_type == "sample"
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("x", image=torch.rand(1, 3, 16, 16), num_inference_steps=2, output_type="pt").images
+    assert torch.isfinite(image).all()
+    # A validation sampler that cannot step x0 predictions is refused before training starts.
+    assert train.main(overrides(tmp_path / "bad", data_dir, "model.prediction_type=sample",
+                                f"validation.images=[{img}]", "validation.instructions=[x]",
+                                "validation.scheduler=euler_a")) == 2
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_zero_terminal_snr_trains_from_pure_noise_and_exports_the_schedule(tmp_path, data_dir):
+    cfg = load_config(None, overrides(tmp_path / "z", data_dir, "model.zero_terminal_snr=true",
+                                      "model.prediction_type=v_prediction", "train.max_steps=2"))
+    trainer = Trainer(cfg)
+    # The last training timestep holds no trace of the target: sampling from pure noise starts where training did.
+    assert trainer.noise_scheduler.alphas_cumprod[-1].item() == 0.0
+    trainer.run()
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(tmp_path / "z" / "final")
+    assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.config.timestep_spacing == "trailing"
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    # Epsilon prediction is meaningless at zero SNR: refused before anything is written.
+    assert train.main(overrides(tmp_path / "eps", data_dir, "model.zero_terminal_snr=true")) == 2
+    assert not (tmp_path / "eps" / "checkpoints").exists()
+
+
+def test_sample_prediction_target_is_the_clean_latent(tmp_path, data_dir, monkeypatch):
+    import ip2p.training as training
+
+    cfg = load_config(None, overrides(tmp_path / "t", data_dir, "model.prediction_type=sample",
+                                      "train.condition_dropout=0"))
+    trainer = Trainer(cfg)
+    batch = next(iter(trainer._batches(0)))
+    seen = {}
+    forward = trainer.unet.forward
+
+    def spy_unet(sample, timestep, **kwargs):
+        seen["input"], seen["t"] = sample.detach().clone(), timestep
+        return forward(sample, timestep, **kwargs)
+
+    def spy_mse(pred, goal):
+        seen["goal"] = goal.detach().clone()
+        return per_example_mse(pred, goal)
+
+    monkeypatch.setattr(trainer.unet, "forward", spy_unet)
+    monkeypatch.setattr(training, "per_example_mse", spy_mse)
+    trainer.micro_step(batch)
+    draws = draw_step(batch["index"].tolist(), cfg.seed, 1000, tuple(seen["goal"].shape[1:]))
+    # The goal is exactly the latent that was noised into the UNet's first channels: x0, not epsilon or v.
+    noisy = trainer.noise_scheduler.add_noise(seen["goal"], draws.noise, seen["t"])
+    torch.testing.assert_close(seen["input"][:, :4], noisy)
+    assert not torch.allclose(seen["goal"], draws.noise, atol=0.5)
 
 
 def test_loss_falls_when_overfitting(tmp_path, data_dir):

@@ -37,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--text-guidance", type=float, default=DEFAULT_TEXT_GUIDANCE, help="s_T")
     parser.add_argument("--image-guidance", type=float, default=DEFAULT_IMAGE_GUIDANCE, help="s_I")
-    parser.add_argument("--scheduler", choices=list(SCHEDULERS), default="euler_a")
+    parser.add_argument("--scheduler", choices=list(SCHEDULERS), default=None,
+                        help="sampler (default: euler_a, or euler for a model trained with prediction_type=sample)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--clip", default=None, help="CLIP model folder or hub id for CLIP similarities")

@@ -116,9 +116,7 @@ def _as_model(model: Any) -> Any:
 
 
 def _as_scheduler(model: Any, scheduler: Any) -> Any:
-    if scheduler is None:
-        return model.scheduler
-    if isinstance(scheduler, str):
+    if scheduler is None or isinstance(scheduler, str):
         from ip2p.sampling import make_scheduler
 
         return make_scheduler(scheduler, model.scheduler.config)
@@ -133,12 +131,12 @@ def _initial_latents(model: Any, indices: Sequence[int], seed: int, height: int,
 
 
 def run_edits(model: Any, examples: Sequence[EditExample], *, steps: int = 20, text_guidance: float = 7.5,
-              image_guidance: float = 1.5, scheduler: Any = "euler_a", seed: int = 0, batch_size: int = 32,
+              image_guidance: float = 1.5, scheduler: Any = None, seed: int = 0, batch_size: int = 32,
               progress: bool = True) -> list[np.ndarray]:
     """Edit each example's source with its instruction; returns (H, W, 3) uint8 images (rounded as a PNG would be).
 
     ``model``: an ``EditorModel`` or a checkpoint path; ``scheduler``: a short name (``ip2p.sampling.SCHEDULERS``),
-    a scheduler object, or None for the model's own.
+    a scheduler object, or None for ``ip2p.sampling.default_scheduler`` of the model's prediction type.
     """
     from tqdm.auto import tqdm
 
@@ -213,7 +211,7 @@ def score_edits(examples: Sequence[EditExample], outputs: Sequence[Any], *, clip
 
 def evaluate(model: Any, data: str | os.PathLike | Iterable[EditExample | Mapping[str, Any]], *,
              split: str = DEFAULT_SPLITS[0], limit: int | None = None, steps: int = 20, text_guidance: float = 7.5,
-             image_guidance: float = 1.5, scheduler: Any = "euler_a", seed: int = 0, batch_size: int = 32,
+             image_guidance: float = 1.5, scheduler: Any = None, seed: int = 0, batch_size: int = 32,
              clip: Any = None, progress: bool = True) -> dict[str, Any]:
     """Edit the examples of ``data`` (see :func:`load_examples`) and score them (see :func:`score_edits`).
 
@@ -222,6 +220,11 @@ def evaluate(model: Any, data: str | os.PathLike | Iterable[EditExample | Mappin
     examples = load_examples(data, split=split, limit=limit)
     if not examples:
         raise ValueError(f"no examples in {data!r} (split {split!r}); expected at least one")
+    model = _as_model(model)
+    if scheduler is None:
+        from ip2p.sampling import default_scheduler
+
+        scheduler = default_scheduler(model.scheduler.config.get("prediction_type"))
     outputs = run_edits(model, examples, steps=steps, text_guidance=text_guidance, image_guidance=image_guidance,
                         scheduler=scheduler, seed=seed, batch_size=batch_size, progress=progress)
     summary = score_edits(examples, outputs, clip=clip)

@@ -37,7 +37,7 @@ ROW_KEYS: tuple[str, ...] = ("sweep", "text_guidance", "image_guidance", "succes
 
 def guidance_sweep(model: Any, examples: Sequence[EditExample], *, text_guidance: float = 7.5,
                    image_guidance: float = 1.5, image_scales: Sequence[float] = IMAGE_SCALES,
-                   text_scales: Sequence[float] = TEXT_SCALES, steps: int = 20, scheduler: Any = "euler_a",
+                   text_scales: Sequence[float] = TEXT_SCALES, steps: int = 20, scheduler: Any = None,
                    seed: int = 0, batch_size: int = 32, clip: Any = None, progress: bool = True) -> list[dict]:
     """Sweep ``s_I`` over ``image_scales`` at ``s_T = text_guidance``, then ``s_T`` over ``text_scales`` at
     ``s_I = image_guidance``; returns one row per setting (keys :data:`ROW_KEYS`, plus CLIP keys with ``clip``)."""
