@@ -89,18 +89,18 @@ class EditJob:
 
 
 def resolve_device(name: str) -> torch.device:
-    """Pick the device; a clear error when a GPU is asked for and missing."""
+    """Pick the device: ``auto`` takes PyTorch's current accelerator (a GPU, MPS, XPU) if any, else the CPU; an
+    explicit one that is missing here is a clear error."""
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is visible to PyTorch here; use --device cpu (slow) or auto")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu or auto")
+        return torch.device(accelerator.type) if accelerator is not None else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name; use auto, cpu, or e.g. cuda, cuda:1, mps") from None
+    if device.type != "cpu" and (accelerator is None or accelerator.type != device.type):
+        found = f"only {accelerator.type}" if accelerator is not None else "no accelerator"
+        raise ValueError(f"--device {name}: PyTorch sees {found} on this machine; use --device auto, or cpu (slow)")
     return device
 
 
