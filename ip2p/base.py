@@ -93,6 +93,10 @@ class BaseSpec:
     vae_training: VaeTraining = field(default_factory=VaeTraining)
     unet: UNetSpec = field(default_factory=UNetSpec)
     text_hidden_size: int = 32
+    text_words: bool = True
+    """Tokenizer: whole-word tokens for the training instructions' words (characters otherwise), as a BPE fitted on
+    them would give; False: characters only."""
+    text_max_length: int = 32
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -375,8 +379,11 @@ def build_base(out_dir: str | os.PathLike, spec: BaseSpec = BaseSpec(), *, cache
             pass
     cache = Path(cache_dir) if cache_dir is not None else out.parent
     vae, header = ensure_vae(spec.vae, spec.vae_training, cache, device=device, progress=progress)
-    tokenizer = tiny.tiny_tokenizer()
-    text_encoder = tiny.tiny_text_encoder(len(tokenizer), seed=spec.seed + 2, hidden_size=spec.text_hidden_size)
+    from ip2p.synthetic import vocabulary
+
+    tokenizer = tiny.tiny_tokenizer(vocabulary() if spec.text_words else (), max_length=spec.text_max_length)
+    text_encoder = tiny.tiny_text_encoder(len(tokenizer), seed=spec.seed + 2, hidden_size=spec.text_hidden_size,
+                                          max_length=spec.text_max_length)
     latent_size = spec.vae.size // 2 ** (len(spec.vae.block_out_channels) - 1)
     unet = make_unet(spec.unet, spec.vae.latent_channels, spec.text_hidden_size, latent_size, seed=spec.seed)
     pipe = StableDiffusionPipeline(

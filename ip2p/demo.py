@@ -48,7 +48,8 @@ class DemoSettings:
     seed: int = 0
     size: int = 64
     steps: int = 10
-    scheduler: str = "euler_a"
+    scheduler: str | None = None
+    """Sampler (None: ``ip2p.sampling.default_scheduler`` of the trained model's prediction type)."""
     text_guidance: float = 1.5
     image_guidance: float = 1.2
     batch_size: int = 64
@@ -139,6 +140,7 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
     from ip2p.eval.sweep import guidance_sweep, plot_sweep, write_table
     from ip2p.images import save_image
     from ip2p.models import load_editor
+    from ip2p.sampling import default_scheduler
     from ip2p.training import train
 
     started = time.perf_counter()
@@ -172,10 +174,11 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
     final = train(cfg)
     t = lap("train", t)
 
-    sampling = dict(steps=settings.steps, text_guidance=settings.text_guidance,
-                    image_guidance=settings.image_guidance, scheduler=settings.scheduler, seed=settings.seed)
-    logger.info("4/6 evaluating both test splits (%s)", sampling)
     model = load_editor(final, expand=False, device=device)
+    scheduler = settings.scheduler or default_scheduler(model.scheduler.config.get("prediction_type"))
+    sampling = dict(steps=settings.steps, text_guidance=settings.text_guidance,
+                    image_guidance=settings.image_guidance, scheduler=scheduler, seed=settings.seed)
+    logger.info("4/6 evaluating both test splits (%s)", sampling)
     metrics: dict[str, Any] = {}
     examples, outputs = {}, {}
     for key, split in SPLIT_NAMES.items():
@@ -203,7 +206,7 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
     write_json(rows, out / "sweep.json")
     write_table(rows, out / "sweep.csv")
     plot_sweep(rows, out / "sweep.png", title=f"guidance sweep: {len(sweep_examples)} held-out-combination edits, "
-                                                 f"{settings.sweep_steps} {settings.scheduler} steps")
+                                                 f"{settings.sweep_steps} {scheduler} steps")
     lap("sweep", t)
 
     metrics.update({
@@ -213,7 +216,8 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
                  "spec": base_meta.get("spec", {})},
         "training": {"config": str(config_path), "max_steps": cfg.train.max_steps,
                      "batch_size": cfg.train.batch_size, "samples": cfg.train.max_steps * cfg.train.batch_size,
-                     "n_train": settings.n_train, "prediction_type": cfg.model.prediction_type},
+                     "n_train": settings.n_train, "prediction_type": cfg.model.prediction_type,
+                     "zero_terminal_snr": cfg.model.zero_terminal_snr},
         "timings": timings,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "files": {name: str(out / name) for name in

@@ -54,6 +54,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -210,6 +211,20 @@ HELDOUT_TEMPLATES: dict[str, tuple[str, ...]] = {
     "change_shape": ("morph {obj} into {a_shape}", "let {obj} become {a_shape}"),
 }
 """Phrasing templates used only by ``test_heldout_phrasings``."""
+
+
+
+def vocabulary() -> list[str]:
+    """Every word the training phrasings can produce (templates, colours, shapes, places), sorted: what a tokenizer
+    fitted on the training instructions knows. Words only in :data:`HELDOUT_TEMPLATES` are not in it."""
+    words = set(COLOURS) | set(SHAPES) | {BACKGROUND, "a", "an", "the"}
+    for templates in TRAIN_TEMPLATES.values():
+        for template in templates:
+            words.update(re.findall(r"[a-z]+", re.sub(r"\{[a-z_]+\}", " ", template)))
+    for phrase in (*_WHERE_IN.values(), *_WHERE_TO.values()):
+        words.update(phrase.split())
+    return sorted(words)
+
 
 _MAX_ATTEMPTS = 2000
 _PLACEMENT_ATTEMPTS = 60

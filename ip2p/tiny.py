@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +58,13 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in codes]
 
 
-def write_tokenizer_files(folder: str | os.PathLike) -> Path:
-    """Write a character-level CLIP vocabulary (no merges) that CLIPTokenizer accepts; returns the folder."""
+def write_tokenizer_files(folder: str | os.PathLike, words: Sequence[str] = ()) -> Path:
+    """Write a CLIP vocabulary that CLIPTokenizer accepts; returns the folder.
+
+    Character-level by default. Each of ``words`` (lower-case letters) also gets BPE merges that build it, left to
+    right, into one token (``word</w>``), as a BPE fitted on a corpus holding those words would; any other word
+    still falls back to characters.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     symbols = _bytes_to_unicode()
@@ -67,28 +73,67 @@ def write_tokenizer_files(folder: str | os.PathLike) -> Path:
         vocab[s] = len(vocab)
     for s in symbols:
         vocab[s + "</w>"] = len(vocab)
+    for word in words:
+        if not word.isalpha() or not word.islower() or not word.isascii():
+            raise ValueError(f"words must be lower-case ASCII letters; got {word!r}")
+    merges = _word_merges(sorted(set(words), key=lambda w: (-len(w), w)))
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     return folder
 
 
-def tiny_tokenizer() -> CLIPTokenizer:
-    """A character-level CLIPTokenizer with 77 positions, built from files written to a temporary folder."""
+def _word_chain(word: str) -> list[tuple[str, str]]:
+    """The merges that build ``word`` left to right into the single token ``word</w>``."""
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    return [("".join(pieces[:i]), pieces[i]) for i in range(1, len(pieces))]
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE of one lower-case word: merge the lowest-ranked adjacent pair until none is ranked."""
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(parts) > 1:
+        pairs = [(ranks.get(p, len(ranks)), i) for i, p in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def _word_merges(words: Sequence[str], rounds: int = 20) -> list[tuple[str, str]]:
+    """Ranked merges under which every one of ``words`` is one token: a word that another word's merges split
+    differently has its chain moved ahead, until none does."""
+    order = list(words)
+    for _ in range(rounds):
+        merges = list(dict.fromkeys(m for w in order for m in _word_chain(w)))
+        ranks = {m: r for r, m in enumerate(merges)}
+        broken = [w for w in order if len(_bpe(w, ranks)) > 1]
+        if not broken:
+            return merges
+        order = broken + [w for w in order if w not in broken]
+    raise ValueError(f"could not make {broken} single tokens; pass fewer or other words")
+
+
+def tiny_tokenizer(words: Sequence[str] = (), max_length: int = 77) -> CLIPTokenizer:
+    """A CLIPTokenizer of ``max_length`` positions, character-level except for ``words`` (see
+    ``write_tokenizer_files``), built from files written to a temporary folder."""
     with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer_files(tmp)
-        return CLIPTokenizer(f"{tmp}/vocab.json", f"{tmp}/merges.txt", model_max_length=77)
+        write_tokenizer_files(tmp, words)
+        return CLIPTokenizer(f"{tmp}/vocab.json", f"{tmp}/merges.txt", model_max_length=max_length)
 
 
-def tiny_text_encoder(vocab_size: int, seed: int = 0, hidden_size: int = 32) -> CLIPTextModel:
+def tiny_text_encoder(vocab_size: int, seed: int = 0, hidden_size: int = 32, max_length: int = 77) -> CLIPTextModel:
     config = CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=37,
         num_attention_heads=4,
         num_hidden_layers=3,
-        max_position_embeddings=77,
+        max_position_embeddings=max_length,
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,
