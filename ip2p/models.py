@@ -48,8 +48,10 @@ class EditorModel:
         return vae_downsampling(self.vae)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "EditorModel":
+        # Only what is asked: diffusers warns about any dtype argument passed to .to(), even None.
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=device, dtype=dtype)
+            module.to(**kwargs)
         return self
 
     def eval(self) -> "EditorModel":
