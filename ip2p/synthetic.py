@@ -213,7 +213,6 @@ HELDOUT_TEMPLATES: dict[str, tuple[str, ...]] = {
 """Phrasing templates used only by ``test_heldout_phrasings``."""
 
 
-
 def vocabulary() -> list[str]:
     """Every word the training phrasings can produce (templates, colours, shapes, places), sorted: what a tokenizer
     fitted on the training instructions knows. Words only in :data:`HELDOUT_TEMPLATES` are not in it."""

@@ -112,8 +112,8 @@ def draw_step(indices: list[int], seed: int, num_timesteps: int, latent_shape: t
 def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023) for epsilon, v or sample (x0) targets. Returns (B,).
 
-    Each target's MSE is the x0 MSE times a factor of the SNR (1/snr for epsilon, 1/(snr+1) for v, 1 for x0); the
-    weight makes every one of them min(snr, gamma) times the x0 MSE.
+    Each target's MSE is the x0 MSE times a factor of the SNR (snr for epsilon, snr + 1 for v, 1 for x0); the weight
+    makes every one of them min(snr, gamma) times the x0 MSE.
     """
     alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
     snr = alphas / (1 - alphas)
