@@ -127,7 +127,8 @@ def override_config(config: dict, **changes) -> dict:
     """``config`` (a diffusers config) with ``changes`` applied, kept by ``from_config``.
 
     diffusers lists the keys a loaded config left at their defaults under ``_use_default_values`` and drops them in
-    ``from_config``: an override of such a key (SD 1.5's scheduler JSON has no ``prediction_type``) must leave that list.
+    ``from_config``: an override of such a key (SD 1.5's scheduler JSON has no ``prediction_type``) must leave that
+    list.
     """
     out = dict(config, **changes)
     if "_use_default_values" in out:
