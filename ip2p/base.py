@@ -11,11 +11,13 @@ other (``model.pretrained=<folder>``):
   The trained weights ship in ``ip2p/assets/demo_vae.safetensors`` (reproduce: ``python -m ip2p.base vae``).
 - UNet: a randomly initialised text-to-image UNet (``in_channels = out_channels = latent channels``); fine-tuning
   expands its ``conv_in`` as for SD.
-- Text encoder: a seeded, random, frozen tiny CLIP text model over a character-level CLIP tokenizer
-  (:mod:`ip2p.tiny`): what the framework trains with (only the UNet learns). It has no knowledge of language, so an
+- Text encoder: a seeded, random, frozen tiny CLIP text model (32 positions) over a CLIP BPE tokenizer in which
+  every word of the training phrasings is one token and other words are characters (:mod:`ip2p.tiny`,
+  :func:`ip2p.synthetic.vocabulary`): what the framework trains with (only the UNet learns). It has no knowledge of language, so an
   instruction phrased with words it never saw in training is only understood through the words it shares with the
   training phrasings (see docs/demo.md).
-- Scheduler: Stable Diffusion v1's settings.
+- Scheduler: Stable Diffusion v1's settings (``configs/demo.yaml`` fine-tunes with x0 prediction on them, rescaled to
+  zero terminal SNR).
 
 ``python -m ip2p.base vae`` trains and writes the VAE asset; ``python -m ip2p.base build OUT`` writes a base folder.
 """
