@@ -13,9 +13,9 @@ other (``model.pretrained=<folder>``):
   expands its ``conv_in`` as for SD.
 - Text encoder: a seeded, random, frozen tiny CLIP text model (32 positions) over a CLIP BPE tokenizer in which
   every word of the training phrasings is one token and other words are characters (:mod:`ip2p.tiny`,
-  :func:`ip2p.synthetic.vocabulary`): what the framework trains with (only the UNet learns). It has no knowledge of language, so an
-  instruction phrased with words it never saw in training is only understood through the words it shares with the
-  training phrasings (see docs/demo.md).
+  :func:`ip2p.synthetic.vocabulary`): what the framework trains with (only the UNet learns). It has no knowledge of
+  language, so an instruction phrased with words it never saw in training is only understood through the words it
+  shares with the training phrasings (see docs/demo.md).
 - Scheduler: Stable Diffusion v1's settings (``configs/demo.yaml`` fine-tunes with x0 prediction on them, rescaled to
   zero terminal SNR).
 
