@@ -164,7 +164,7 @@ def test_zero_terminal_snr_trains_from_pure_noise_and_exports_the_schedule(tmp_p
     pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(tmp_path / "z" / "final")
     assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.config.timestep_spacing == "trailing"
     assert pipe.scheduler.config.prediction_type == "v_prediction"
-    # Epsilon prediction is meaningless at zero SNR: refused before anything is written.
+    # Epsilon prediction is meaningless at zero SNR: refused before any training step.
     assert train.main(overrides(tmp_path / "eps", data_dir, "model.zero_terminal_snr=true")) == 2
     assert not (tmp_path / "eps" / "checkpoints").exists()
 
