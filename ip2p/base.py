@@ -99,6 +99,9 @@ class BaseSpec:
     """Tokenizer: whole-word tokens for the training instructions' words (characters otherwise), as a BPE fitted on
     them would give; False: characters only."""
     text_max_length: int = 32
+    noise_shift: float | None = None
+    """None: Stable Diffusion v1's betas. A number k: the cosine schedule with its log-SNR lowered by 2 ln k
+    (:func:`shifted_cosine_betas`), for images whose flat regions show through more noise than SD's schedule assumes."""
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -335,6 +338,23 @@ def ensure_vae(spec: VaeSpec, training: VaeTraining, cache_dir: str | os.PathLik
 # ------------------------------------------------------------------------------------------------------- base folder
 
 
+def shifted_cosine_betas(shift: float, steps: int = 1000, t_max: float = 0.9995) -> list[float]:
+    """Betas of the cosine schedule whose log-SNR is lowered by ``2 ln shift`` at every timestep.
+
+    The shift of "simple diffusion" (Hoogeboom et al. 2023): log-SNR(t) = -2 ln tan(pi t / 2) - 2 ln ``shift`` at
+    t = (i + 1) / ``steps``, with t capped at ``t_max`` so that the last SNR is tiny but finite (``rescale_betas_zero_snr``
+    makes it exactly zero). ``shift`` = 1 is the plain cosine schedule. Diffusers schedulers take the result as
+    ``trained_betas``.
+    """
+    if not shift > 0:
+        raise ValueError(f"noise_shift must be > 0, got {shift}")
+    t = np.minimum(np.arange(1, steps + 1, dtype=np.float64) / steps, t_max)
+    log_snr = -2 * np.log(np.tan(np.pi * t / 2)) - 2 * np.log(shift)
+    alphas_cumprod = 1 / (1 + np.exp(-log_snr))
+    previous = np.concatenate([[1.0], alphas_cumprod[:-1]])
+    return (1 - alphas_cumprod / previous).tolist()
+
+
 def make_unet(spec: UNetSpec, latent_channels: int, cross_attention_dim: int, sample_size: int, seed: int = 0):
     """A randomly initialised text-to-image ``UNet2DConditionModel`` (``in_channels = latent_channels``)."""
     from diffusers import UNet2DConditionModel
@@ -390,7 +410,8 @@ def build_base(out_dir: str | os.PathLike, spec: BaseSpec = BaseSpec(), *, cache
     unet = make_unet(spec.unet, spec.vae.latent_channels, spec.text_hidden_size, latent_size, seed=spec.seed)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=PNDMScheduler(**tiny.SD_SCHEDULER_CONFIG),
+        scheduler=PNDMScheduler(**tiny.SD_SCHEDULER_CONFIG, trained_betas=(
+            None if spec.noise_shift is None else shifted_cosine_betas(spec.noise_shift))),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     meta["vae_report"] = header["report"]

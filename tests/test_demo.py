@@ -74,3 +74,25 @@ def test_build_base_is_cached_and_checked(tmp_path):
     assert base.read_base_meta(out)["spec"] == spec.to_dict()
     with pytest.raises(ValueError, match="one flag per level"):
         base.make_unet(base.UNetSpec(block_out_channels=(32, 64), attention=(True,)), 16, 32, 16)
+
+
+def test_shifted_cosine_schedule_lowers_log_snr_by_2_ln_shift(tmp_path):
+    import numpy as np
+    from diffusers import DDPMScheduler
+
+    def log_snr(betas):
+        ab = DDPMScheduler(trained_betas=betas).alphas_cumprod.double().numpy()
+        return np.log(ab / (1 - ab))
+
+    plain, shifted = log_snr(base.shifted_cosine_betas(1.0)), log_snr(base.shifted_cosine_betas(16.0))
+    assert np.allclose(shifted - plain, -2 * np.log(16.0), atol=0.02)  # diffusers keeps float32
+    assert abs(plain[499]) < 0.02  # the cosine schedule's midpoint has SNR 1
+    assert np.all(np.diff(plain) < 0) and np.isfinite(plain[-1])  # decreasing, the last SNR tiny but finite
+    with pytest.raises(ValueError, match="noise_shift must be > 0"):
+        base.shifted_cosine_betas(0.0)
+    # A base with noise_shift carries the schedule in its scheduler config, which every sampler reads.
+    spec = base.BaseSpec(unet=demo.DEMOS["quick"].base.unet, noise_shift=16.0)
+    out = base.build_base(tmp_path / "base", spec, progress=False)
+    config = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert np.allclose(config["trained_betas"], base.shifted_cosine_betas(16.0))
+    assert base.BaseSpec.from_dict(base.read_base_meta(out)["spec"]) == spec
