@@ -342,9 +342,9 @@ def shifted_cosine_betas(shift: float, steps: int = 1000, t_max: float = 0.9995)
     """Betas of the cosine schedule whose log-SNR is lowered by ``2 ln shift`` at every timestep.
 
     The shift of "simple diffusion" (Hoogeboom et al. 2023): log-SNR(t) = -2 ln tan(pi t / 2) - 2 ln ``shift`` at
-    t = (i + 1) / ``steps``, with t capped at ``t_max`` so that the last SNR is tiny but finite (``rescale_betas_zero_snr``
-    makes it exactly zero). ``shift`` = 1 is the plain cosine schedule. Diffusers schedulers take the result as
-    ``trained_betas``.
+    t = (i + 1) / ``steps``, with t capped at ``t_max`` so that the last SNR is tiny but finite
+    (``rescale_betas_zero_snr`` makes it exactly zero). ``shift`` = 1 is the plain cosine schedule. Diffusers
+    schedulers take the result as ``trained_betas``.
     """
     if not shift > 0:
         raise ValueError(f"noise_shift must be > 0, got {shift}")
