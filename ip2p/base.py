@@ -19,7 +19,8 @@ other (``model.pretrained=<folder>``):
 - Scheduler: Stable Diffusion v1's settings (``configs/demo.yaml`` fine-tunes with x0 prediction on them, rescaled to
   zero terminal SNR).
 
-``python -m ip2p.base vae`` trains and writes the VAE asset; ``python -m ip2p.base build OUT`` writes a base folder.
+``python -m ip2p.base vae`` trains and writes the VAE asset; ``python -m ip2p.base build OUT`` writes a base folder
+(``--help`` lists the architecture and schedule options).
 """
 
 from __future__ import annotations
@@ -362,6 +363,10 @@ def make_unet(spec: UNetSpec, latent_channels: int, cross_attention_dim: int, sa
     if len(spec.attention) != len(spec.block_out_channels):
         raise ValueError(f"unet attention={spec.attention} must have one flag per level of "
                          f"block_out_channels={spec.block_out_channels}")
+    bad = [c for c in spec.block_out_channels if c % spec.norm_num_groups]
+    if bad:
+        raise ValueError(f"unet block_out_channels={spec.block_out_channels}: {bad} not divisible by "
+                         f"norm_num_groups={spec.norm_num_groups}; use multiples of {spec.norm_num_groups}")
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=sample_size,
@@ -445,6 +450,13 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(","))
 
 
+def _flags(text: str) -> tuple[bool, ...]:
+    values = text.split(",")
+    if any(v not in ("0", "1") for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated 0/1 flags, e.g. 0,1,1")
+    return tuple(v == "1" for v in values)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ip2p.base vae [--out PATH]`` or ``python -m ip2p.base build OUT``."""
     parser = argparse.ArgumentParser(prog="python -m ip2p.base", description=__doc__.split("\n")[0])
@@ -464,6 +476,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     build_p = sub.add_parser("build", help="write the base model as a diffusers folder")
     build_p.add_argument("out", help="folder to write")
     build_p.add_argument("--force", action="store_true")
+    unet_defaults, base_defaults = UNetSpec(), BaseSpec()
+    build_p.add_argument("--unet-channels", type=_ints, default=unet_defaults.block_out_channels,
+                         help="UNet block_out_channels, comma-separated")
+    build_p.add_argument("--unet-layers", type=int, default=unet_defaults.layers_per_block,
+                         help="UNet layers per block")
+    build_p.add_argument("--unet-attention", type=_flags, default=None,
+                         help="cross-attention per UNet level, comma-separated 0/1 (default: all but the first)")
+    build_p.add_argument("--text-hidden-size", type=int, default=base_defaults.text_hidden_size,
+                         help="width of the random text encoder (and the UNet's cross_attention_dim)")
+    build_p.add_argument("--noise-shift", type=float, default=base_defaults.noise_shift,
+                         help="a shifted cosine noise schedule, log-SNR lowered by 2 ln k (default: SD v1's betas)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "vae":
@@ -477,7 +500,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = save_vae(vae, args.out, spec=spec, training=training, report=report)
         logger.info("wrote %s (%.2f MB): %s", path, path.stat().st_size / 1e6, json.dumps(report))
     else:
-        out = build_base(args.out, force=args.force)
+        levels = len(args.unet_channels)
+        attention = args.unet_attention if args.unet_attention is not None else (False,) + (True,) * (levels - 1)
+        if len(attention) != levels:
+            parser.error(f"--unet-attention has {len(attention)} flags; --unet-channels has {levels} levels")
+        spec = BaseSpec(unet=UNetSpec(block_out_channels=args.unet_channels, layers_per_block=args.unet_layers,
+                                      attention=attention),
+                        text_hidden_size=args.text_hidden_size, noise_shift=args.noise_shift)
+        try:
+            out = build_base(args.out, spec, force=args.force)
+        except ValueError as e:
+            parser.error(str(e))
         logger.info("base model: %s", out)
     return 0
 

@@ -96,3 +96,19 @@ def test_shifted_cosine_schedule_lowers_log_snr_by_2_ln_shift(tmp_path):
     config = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert np.allclose(config["trained_betas"], base.shifted_cosine_betas(16.0))
     assert base.BaseSpec.from_dict(base.read_base_meta(out)["spec"]) == spec
+
+
+def test_base_build_cli_options(tmp_path, capsys):
+    out = tmp_path / "base"
+    assert base.main(["build", str(out), "--unet-channels", "32,32", "--unet-layers", "1", "--unet-attention", "0,1",
+                      "--text-hidden-size", "48", "--noise-shift", "8"]) == 0
+    spec = base.BaseSpec.from_dict(base.read_base_meta(out)["spec"])
+    assert spec.unet.block_out_channels == (32, 32) and spec.unet.attention == (False, True)
+    assert spec.text_hidden_size == 48 and spec.noise_shift == 8.0
+    config = json.loads((out / "unet" / "config.json").read_text())
+    assert config["cross_attention_dim"] == 48 and config["block_out_channels"] == [32, 32]
+    for bad, message in ((["--unet-attention", "0,1,1"], "has 3 flags"), (["--unet-attention", "yes"], "0/1 flags"),
+                         (["--unet-channels", "24,32"], "not divisible by norm_num_groups")):
+        with pytest.raises(SystemExit):
+            base.main(["build", str(tmp_path / "bad"), "--unet-channels", "32,32", *bad])
+        assert message in capsys.readouterr().err
