@@ -17,7 +17,7 @@ other (``model.pretrained=<folder>``):
   language, so an instruction phrased with words it never saw in training is only understood through the words it
   shares with the training phrasings (see docs/demo.md).
 - Scheduler: Stable Diffusion v1's settings (``configs/demo.yaml`` fine-tunes with x0 prediction on them, rescaled to
-  zero terminal SNR).
+  zero terminal SNR), or with ``BaseSpec.noise_shift`` a shifted cosine schedule (measured in docs/demo.md).
 
 ``python -m ip2p.base vae`` trains and writes the VAE asset; ``python -m ip2p.base build OUT`` writes a base folder
 (``--help`` lists the architecture and schedule options).
