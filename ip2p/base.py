@@ -100,6 +100,8 @@ class BaseSpec:
     """Tokenizer: whole-word tokens for the training instructions' words (characters otherwise), as a BPE fitted on
     them would give; False: characters only."""
     text_max_length: int = 32
+    text_layers: int = 3
+    """Transformer layers of the random text encoder; 0 keeps each token's embedding unmixed (see docs/demo.md)."""
     noise_shift: float | None = None
     """None: Stable Diffusion v1's betas. A number k: the cosine schedule with its log-SNR lowered by 2 ln k
     (:func:`shifted_cosine_betas`), for images whose flat regions show through more noise than SD's schedule assumes."""
@@ -410,7 +412,7 @@ def build_base(out_dir: str | os.PathLike, spec: BaseSpec = BaseSpec(), *, cache
 
     tokenizer = tiny.tiny_tokenizer(vocabulary() if spec.text_words else (), max_length=spec.text_max_length)
     text_encoder = tiny.tiny_text_encoder(len(tokenizer), seed=spec.seed + 2, hidden_size=spec.text_hidden_size,
-                                          max_length=spec.text_max_length)
+                                          max_length=spec.text_max_length, num_layers=spec.text_layers)
     latent_size = spec.vae.size // 2 ** (len(spec.vae.block_out_channels) - 1)
     unet = make_unet(spec.unet, spec.vae.latent_channels, spec.text_hidden_size, latent_size, seed=spec.seed)
     pipe = StableDiffusionPipeline(
@@ -485,6 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          help="cross-attention per UNet level, comma-separated 0/1 (default: all but the first)")
     build_p.add_argument("--text-hidden-size", type=int, default=base_defaults.text_hidden_size,
                          help="width of the random text encoder (and the UNet's cross_attention_dim)")
+    build_p.add_argument("--text-layers", type=int, default=base_defaults.text_layers,
+                         help="transformer layers of the random text encoder (0: embeddings only)")
     build_p.add_argument("--noise-shift", type=float, default=base_defaults.noise_shift,
                          help="a shifted cosine noise schedule, log-SNR lowered by 2 ln k (default: SD v1's betas)")
     args = parser.parse_args(argv)
@@ -506,7 +510,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--unet-attention has {len(attention)} flags; --unet-channels has {levels} levels")
         spec = BaseSpec(unet=UNetSpec(block_out_channels=args.unet_channels, layers_per_block=args.unet_layers,
                                       attention=attention),
-                        text_hidden_size=args.text_hidden_size, noise_shift=args.noise_shift)
+                        text_hidden_size=args.text_hidden_size, text_layers=args.text_layers,
+                        noise_shift=args.noise_shift)
         try:
             out = build_base(args.out, spec, force=args.force)
         except ValueError as e:

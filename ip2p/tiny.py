@@ -126,13 +126,18 @@ def tiny_tokenizer(words: Sequence[str] = (), max_length: int = 77) -> CLIPToken
         return CLIPTokenizer(f"{tmp}/vocab.json", f"{tmp}/merges.txt", model_max_length=max_length)
 
 
-def tiny_text_encoder(vocab_size: int, seed: int = 0, hidden_size: int = 32, max_length: int = 77) -> CLIPTextModel:
+def tiny_text_encoder(vocab_size: int, seed: int = 0, hidden_size: int = 32, max_length: int = 77,
+                      num_layers: int = 3) -> CLIPTextModel:
+    """A randomly initialised CLIP text model. ``num_layers=0`` leaves only the embeddings and the final layer norm:
+    each position's output is its own token's (and position's) embedding, with nothing mixed in from other tokens."""
+    if num_layers < 0:
+        raise ValueError(f"num_layers={num_layers} must be >= 0")
     config = CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=37,
         num_attention_heads=4,
-        num_hidden_layers=3,
+        num_hidden_layers=num_layers,
         max_position_embeddings=max_length,
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,

@@ -101,12 +101,23 @@ def test_shifted_cosine_schedule_lowers_log_snr_by_2_ln_shift(tmp_path):
 def test_base_build_cli_options(tmp_path, capsys):
     out = tmp_path / "base"
     assert base.main(["build", str(out), "--unet-channels", "32,32", "--unet-layers", "1", "--unet-attention", "0,1",
-                      "--text-hidden-size", "48", "--noise-shift", "8"]) == 0
+                      "--text-hidden-size", "48", "--text-layers", "0", "--noise-shift", "8"]) == 0
     spec = base.BaseSpec.from_dict(base.read_base_meta(out)["spec"])
     assert spec.unet.block_out_channels == (32, 32) and spec.unet.attention == (False, True)
-    assert spec.text_hidden_size == 48 and spec.noise_shift == 8.0
+    assert spec.text_hidden_size == 48 and spec.noise_shift == 8.0 and spec.text_layers == 0
     config = json.loads((out / "unet" / "config.json").read_text())
     assert config["cross_attention_dim"] == 48 and config["block_out_channels"] == [32, 32]
+    # Without layers each position's output is its own token's: prompts differing in one word differ only there.
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ip2p.conditioning import encode_text
+
+    encoder, tokenizer = CLIPTextModel.from_pretrained(out / "text_encoder"), CLIPTokenizer.from_pretrained(
+        out / "tokenizer")
+    assert encoder.config.num_hidden_layers == 0
+    embeds = encode_text(encoder, tokenizer, ["make the circle blue", "make the circle red"])
+    differs = (embeds[0] - embeds[1]).abs().amax(-1) > 1e-6
+    assert differs.nonzero().flatten().tolist() == [4]  # BOS, make, the, circle, <colour>
     for bad, message in ((["--unet-attention", "0,1,1"], "has 3 flags"), (["--unet-attention", "yes"], "0/1 flags"),
                          (["--unet-channels", "24,32"], "not divisible by norm_num_groups")):
         with pytest.raises(SystemExit):
