@@ -89,6 +89,23 @@ class UNetSpec:
 
 
 @dataclass(frozen=True)
+class UNetPretraining:
+    """How :func:`pretrain_unet` trains the base UNet as a text-to-image model, as Stable Diffusion was, before any
+    editing: on captioned synthetic scenes (:func:`ip2p.synthetic.caption` with positions), predicting x0 on SD's
+    betas rescaled to zero terminal SNR (the demo's fine-tuning settings), AdamW with warm-up and cosine decay, EMA."""
+
+    steps: int = 12000
+    batch_size: int = 256
+    lr: float = 1e-3
+    scenes: int = 300_000
+    """Distinct scenes, drawn and VAE-encoded once, then sampled with fresh noise every step."""
+    caption_dropout: float = 0.1
+    """Share of captions replaced by the empty one (as SD does, so classifier-free guidance works)."""
+    ema_decay: float = 0.999
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class BaseSpec:
     """Everything that determines a base folder."""
 
@@ -105,6 +122,9 @@ class BaseSpec:
     noise_shift: float | None = None
     """None: Stable Diffusion v1's betas. A number k: the cosine schedule with its log-SNR lowered by 2 ln k
     (:func:`shifted_cosine_betas`), for images whose flat regions show through more noise than SD's schedule assumes."""
+    unet_pretraining: UNetPretraining | None = None
+    """None: a randomly initialised UNet. Else the UNet is pretrained as a text-to-image model (:func:`ensure_unet`:
+    the shipped asset when it matches the whole spec, else a cached or new run, which wants a GPU)."""
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,9 +139,11 @@ class BaseSpec:
         vae = dict(data.get("vae", {}))
         if "block_out_channels" in vae:
             vae["block_out_channels"] = tuple(vae["block_out_channels"])
+        pretraining = data.get("unet_pretraining")
         return cls(vae=VaeSpec(**vae), vae_training=VaeTraining(**data.get("vae_training", {})),
-                   unet=UNetSpec(**unet), **{k: v for k, v in data.items()
-                                             if k not in ("vae", "vae_training", "unet")})
+                   unet=UNetSpec(**unet),
+                   unet_pretraining=None if pretraining is None else UNetPretraining(**pretraining),
+                   **{k: v for k, v in data.items() if k not in ("vae", "vae_training", "unet", "unet_pretraining")})
 
 
 def _digest(data: Any) -> str:
@@ -267,47 +289,61 @@ def train_vae(spec: VaeSpec = VaeSpec(), training: VaeTraining = VaeTraining(), 
     return vae.cpu(), report
 
 
-def save_vae(vae, path: str | os.PathLike, *, spec: VaeSpec, training: VaeTraining, report: dict) -> Path:
-    """Write the VAE weights (float32) to one safetensors file; its header holds config, spec, training and report."""
+def _save_weights(module: torch.nn.Module, path: str | os.PathLike, header: dict[str, Any],
+                  dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``module``'s weights (as ``dtype``) to one safetensors file, atomically; ``header`` values are JSON."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = {
-        "config": json.dumps(dict(vae.config), default=list),
-        "spec": json.dumps(dataclasses.asdict(spec)),
-        "training": json.dumps(dataclasses.asdict(training)),
-        "report": json.dumps(report),
-    }
-    tensors = {k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
+    tensors = {k: v.detach().to(dtype).cpu().contiguous() for k, v in module.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=header)
+    save_file(tensors, str(tmp), metadata={k: json.dumps(v, default=list) for k, v in header.items()})
     os.replace(tmp, path)
     return path
 
 
-def read_vae_header(path: str | os.PathLike) -> dict[str, Any]:
-    """``{"config", "spec", "training", "report"}`` of a file written by :func:`save_vae`."""
+def _read_header(path: str | os.PathLike, keys: Sequence[str], writer: str) -> dict[str, Any]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         raw = f.metadata() or {}
-    missing = [k for k in ("config", "spec", "training", "report") if k not in raw]
+    missing = [k for k in keys if k not in raw]
     if missing:
-        raise ValueError(f"{path} lacks {missing} in its header; expected a VAE written by ip2p.base.save_vae")
-    return {k: json.loads(raw[k]) for k in ("config", "spec", "training", "report")}
+        raise ValueError(f"{path} lacks {missing} in its header; expected a file written by ip2p.base.{writer}")
+    return {k: json.loads(raw[k]) for k in keys}
+
+
+def _load_weights(cls: type, path: str | os.PathLike, header: dict[str, Any]):
+    """``cls.from_config(header["config"])`` with the file's weights (cast to the model's float32), in eval mode."""
+    from safetensors.torch import load_file
+
+    config = {k: v for k, v in header["config"].items() if not k.startswith("_")}
+    model = cls.from_config(config)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+_VAE_HEADER = ("config", "spec", "training", "report")
+
+
+def save_vae(vae, path: str | os.PathLike, *, spec: VaeSpec, training: VaeTraining, report: dict) -> Path:
+    """Write the VAE weights (float32) to one safetensors file; its header holds config, spec, training and report."""
+    return _save_weights(vae, path, {"config": dict(vae.config), "spec": dataclasses.asdict(spec),
+                                     "training": dataclasses.asdict(training), "report": report})
+
+
+def read_vae_header(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"config", "spec", "training", "report"}`` of a file written by :func:`save_vae`."""
+    return _read_header(path, _VAE_HEADER, "save_vae")
 
 
 def load_vae(path: str | os.PathLike):
     """Load a VAE written by :func:`save_vae`; returns ``(vae, header)``."""
     from diffusers import AutoencoderKL
-    from safetensors.torch import load_file
 
     header = read_vae_header(path)
-    config = {k: v for k, v in header["config"].items() if not k.startswith("_")}
-    vae = AutoencoderKL.from_config(config)
-    vae.load_state_dict(load_file(str(path)))
-    return vae.eval(), header
+    return _load_weights(AutoencoderKL, path, header), header
 
 
 def _vae_matches(path: Path, spec: VaeSpec, training: VaeTraining) -> bool:
@@ -385,16 +421,299 @@ def make_unet(spec: UNetSpec, latent_channels: int, cross_attention_dim: int, sa
     )
 
 
+# --------------------------------------------------------------------------------------------------- UNet pretraining
+
+UNET_ASSET = ASSETS / "demo_unet.safetensors"
+_UNET_HEADER = ("config", "spec", "report")
+_PRETRAIN_SEED_BASE = 700_000  # scene stream of the pretraining scenes: _PRETRAIN_SEED_BASE + seed
+CAPTION_EVAL_SEED = 800_000  # scene stream of the held-out captions of caption_report
+CAPTION_EVAL_SCENES = 200
+_SCENE_CHUNK = 4096
+
+
+def scheduler_config(spec: BaseSpec) -> dict[str, Any]:
+    """The base folder's scheduler config: SD v1's (or the shifted cosine betas, ``noise_shift``); for a pretrained
+    UNet, with the prediction type and schedule it was pretrained on (x0, rescaled to zero terminal SNR)."""
+    from ip2p import tiny
+
+    config = dict(tiny.SD_SCHEDULER_CONFIG,
+                  trained_betas=None if spec.noise_shift is None else shifted_cosine_betas(spec.noise_shift))
+    if spec.unet_pretraining is not None:
+        config.update(prediction_type="sample", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return config
+
+
+def _scheduler(cls: type, config: dict[str, Any]):
+    """``cls`` built from the keys of ``config`` that its constructor takes (PNDM's own keys dropped for others)."""
+    import inspect
+
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in config.items() if k in accepted})
+
+
+def _text_components(spec: BaseSpec):
+    """The base's tokenizer and frozen random text encoder (eval mode)."""
+    from ip2p import tiny
+    from ip2p.synthetic import vocabulary
+
+    tokenizer = tiny.tiny_tokenizer(vocabulary() if spec.text_words else (), max_length=spec.text_max_length)
+    text_encoder = tiny.tiny_text_encoder(len(tokenizer), seed=spec.seed + 2, hidden_size=spec.text_hidden_size,
+                                          max_length=spec.text_max_length, num_layers=spec.text_layers)
+    return tokenizer, text_encoder.eval().requires_grad_(False)
+
+
+def _draw_captioned(seed: int, start: int, count: int, size: int, max_length: int, words: bool
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Scenes ``start .. start + count`` of stream ``seed``: images (count, H, W, 3) uint8 and the token ids of their
+    captions with positions, (count, max_length) int32. Runs in worker processes."""
+    from ip2p import tiny
+    from ip2p.synthetic import caption, random_scene, render_scene, vocabulary
+
+    tokenizer = tiny.tiny_tokenizer(vocabulary() if words else (), max_length=max_length)
+    scenes = [random_scene(seed, i, size) for i in range(start, start + count)]
+    ids = tokenizer([caption(s, positions=True) for s in scenes], padding="max_length", max_length=max_length,
+                    truncation=True, return_tensors="np").input_ids
+    return np.stack([render_scene(s) for s in scenes]), ids.astype(np.int32)
+
+
+def captioned_scenes(n: int, seed: int, spec: BaseSpec, *, workers: int | None = None, progress: bool = True
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` scenes of stream ``seed`` and their tokenised captions (see :func:`_draw_captioned`), drawn by
+    ``workers`` processes (default: one per CPU core); the result does not depend on ``workers``."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from tqdm.auto import tqdm
+
+    jobs = [(seed, start, min(_SCENE_CHUNK, n - start), spec.vae.size, spec.text_max_length, spec.text_words)
+            for start in range(0, n, _SCENE_CHUNK)]
+    workers = min(len(jobs), workers or os.cpu_count() or 1)
+    bar = dict(total=len(jobs), desc="scenes", unit="chunk", disable=not progress, dynamic_ncols=True)
+    if workers <= 1:
+        parts = [_draw_captioned(*job) for job in tqdm(jobs, **bar)]
+    else:  # spawn: the parent may hold CUDA or OpenMP state that a forked child must not inherit
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            parts = list(tqdm(pool.map(_draw_captioned, *zip(*jobs)), **bar))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+@torch.no_grad()
+def _encode_latents(vae, images: np.ndarray, device: torch.device, batch_size: int = 512) -> torch.Tensor:
+    """Scaled posterior modes of uint8 images (N, H, W, 3), as the training targets: (N, C, h, w) float32 on
+    ``device``."""
+    scale = float(vae.config.scaling_factor)
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[i:i + batch_size]).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        out.append(vae.encode(x).latent_dist.mode() * scale)
+    return torch.cat(out)
+
+
+def _lr_scale(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def pretrain_unet(spec: BaseSpec, *, device: torch.device | str = "cpu", minutes: float | None = None,
+                  cache_dir: str | os.PathLike | None = None, workers: int | None = None, progress: bool = True,
+                  report_scenes: int = CAPTION_EVAL_SCENES):
+    """Pretrain the UNet of ``spec`` as a text-to-image model (``spec.unet_pretraining``); returns ``(unet, spec,
+    report)``: the UNet (EMA weights, on the CPU, eval mode), the spec with the steps actually run, and a report.
+
+    ``minutes``: time the first 200 steps (or tenth of ``steps``), then run as many steps as fit in that many
+    minutes of training (at most ``steps``) with the cosine decay fitted to them. The report holds the steps, times,
+    the mean loss of the last
+    100 steps and :func:`caption_report` of the result on ``report_scenes`` held-out captions.
+    """
+    from diffusers import DDPMScheduler
+    from tqdm.auto import tqdm
+
+    from ip2p.training import EMA
+
+    training = spec.unet_pretraining
+    if training is None:
+        raise ValueError("spec.unet_pretraining is None; set it to an ip2p.base.UNetPretraining to pretrain")
+    device = torch.device(device)
+    started = time.perf_counter()
+    images, ids = captioned_scenes(training.scenes, _PRETRAIN_SEED_BASE + training.seed, spec, workers=workers,
+                                   progress=progress)
+    cache = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir())
+    vae, _ = ensure_vae(spec.vae, spec.vae_training, cache, device=device, progress=progress)
+    vae = vae.to(device)
+    tokenizer, text_encoder = _text_components(spec)
+    text_encoder = text_encoder.to(device)
+    latents = _encode_latents(vae, images, device)
+    del images
+    ids = torch.from_numpy(ids).long().to(device)
+    null_ids = tokenizer([""], padding="max_length", max_length=spec.text_max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(device)
+    data_seconds = time.perf_counter() - started
+
+    config = scheduler_config(spec)
+    noise_scheduler = _scheduler(DDPMScheduler, config)
+    timesteps = noise_scheduler.config.num_train_timesteps
+    unet = make_unet(spec.unet, spec.vae.latent_channels, spec.text_hidden_size, latents.shape[-1],
+                     seed=spec.seed).to(device).train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=0.01)
+    ema = EMA(params, training.ema_decay)
+    generator = torch.Generator(device=device).manual_seed(training.seed)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    total, warmup, calibrate = training.steps, min(500, training.steps // 10), min(200, max(1, training.steps // 10))
+    loss_sum, recent = torch.zeros((), device=device), []
+    bar = tqdm(total=total, desc="UNet", disable=not progress, dynamic_ncols=True)
+    loop_started = time.perf_counter()
+    step = 0
+    while step < total:
+        for group in optimizer.param_groups:
+            group["lr"] = training.lr * _lr_scale(step, total, warmup)
+        b = training.batch_size
+        index = torch.randint(0, latents.shape[0], (b,), generator=generator, device=device)
+        x0 = latents[index]
+        drop = torch.rand(b, generator=generator, device=device) < training.caption_dropout
+        tokens = torch.where(drop[:, None], null_ids, ids[index])
+        with torch.no_grad():
+            text = text_encoder(tokens)[0]
+        t = torch.randint(0, timesteps, (b,), generator=generator, device=device)
+        noise = torch.randn(x0.shape, generator=generator, device=device)
+        noisy = noise_scheduler.add_noise(x0, noise, t)
+        with autocast:
+            pred = unet(noisy, t, encoder_hidden_states=text).sample
+        loss = F.mse_loss(pred.float(), x0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        ema.step(params)
+        loss_sum += loss.detach()
+        step += 1
+        if step == calibrate and minutes is not None:
+            per_step = (time.perf_counter() - loop_started) / step
+            total = max(step, min(training.steps, int(minutes * 60 / per_step)))
+            warmup = min(warmup, total // 10)
+            bar.total = total
+        if step % 100 == 0 or step == total:
+            recent.append(loss_sum.item() / (100 if step % 100 == 0 else step % 100))
+            loss_sum.zero_()
+            bar.set_postfix(loss=f"{recent[-1]:.4f}")
+        bar.update(1)
+    bar.close()
+    train_seconds = time.perf_counter() - loop_started
+    ema.copy_to(params)
+    unet.eval()
+    spec = dataclasses.replace(spec, unet_pretraining=dataclasses.replace(training, steps=step))
+    report = {"steps": step, "device": str(device), "data_seconds": round(data_seconds, 1),
+              "train_seconds": round(train_seconds, 1), "loss_last": recent[-1] if recent else None,
+              **caption_report(unet, vae, text_encoder, tokenizer, config, n=report_scenes)}
+    logger.info("UNet pretrained: %d steps in %.0f s; held-out captions: %s", step, train_seconds,
+                json.dumps({k: v for k, v in report.items() if k.startswith("caption")}))
+    return unet.cpu(), spec, report
+
+
+@torch.no_grad()
+def caption_report(unet, vae, text_encoder, tokenizer, config: dict[str, Any], *, n: int = CAPTION_EVAL_SCENES,
+                   steps: int = 20, guidance: Sequence[float] = (1.0, 3.0), seed: int = 0) -> dict[str, float]:
+    """How well a text-to-image UNet draws ``n`` held-out captions (Euler, ``steps`` steps, each text guidance):
+    the share of objects whose region's mean colour is nearest (Lab) to the captioned colour
+    (``caption_objects_g<g>``), the same for backgrounds (``caption_backgrounds_g<g>``), and of scenes with every
+    colour right (``caption_scenes_g<g>``)."""
+    from ip2p.conditioning import encode_text
+    from ip2p.eval.metrics import mean_colour, nearest_palette_colour
+    from ip2p.sampling import make_scheduler, sample
+    from ip2p.synthetic import background_mask, caption, object_mask, random_scene
+
+    device = next(unet.parameters()).device
+    size = int(vae.config.sample_size)
+    scenes = [random_scene(CAPTION_EVAL_SEED, i, size) for i in range(n)]
+    cond = encode_text(text_encoder, tokenizer, [caption(s, positions=True) for s in scenes])
+    uncond = encode_text(text_encoder, tokenizer, [""]).expand_as(cond)
+    channels, side = int(unet.config.in_channels), int(unet.config.sample_size)
+    report = {}
+    for g in guidance:
+        noise = torch.randn((n, channels, side, side), generator=torch.Generator().manual_seed(seed)).to(device)
+
+        def denoiser(x: torch.Tensor, t: torch.Tensor, g: float = g) -> torch.Tensor:
+            out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([cond, uncond])).sample
+            c, u = out.chunk(2)
+            return u + g * (c - u)
+
+        latents = sample(denoiser, make_scheduler("euler", config), noise, steps=steps, progress=False)
+        images = (vae.decode(latents / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+        images = images.permute(0, 2, 3, 1).float().cpu().numpy()
+        objects, backgrounds, whole = [], [], []
+        for scene, image in zip(scenes, images):
+            right = [nearest_palette_colour(mean_colour(image, object_mask(o, size))) == o.colour
+                     for o in scene.objects]
+            right.append(nearest_palette_colour(mean_colour(image, background_mask(scene))) == scene.background)
+            objects += right[:-1]
+            backgrounds.append(right[-1])
+            whole.append(all(right))
+        report[f"caption_objects_g{g:g}"] = float(np.mean(objects)) if objects else float("nan")
+        report[f"caption_backgrounds_g{g:g}"] = float(np.mean(backgrounds))
+        report[f"caption_scenes_g{g:g}"] = float(np.mean(whole))
+    return report
+
+
+def save_unet(unet, path: str | os.PathLike, *, spec: BaseSpec, report: dict) -> Path:
+    """Write a pretrained UNet (float16 weights) to one safetensors file; its header holds config, the whole base
+    spec it was pretrained for, and the report."""
+    return _save_weights(unet, path, {"config": dict(unet.config), "spec": spec.to_dict(), "report": report},
+                         dtype=torch.float16)
+
+
+def read_unet_header(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"config", "spec", "report"}`` of a file written by :func:`save_unet`."""
+    return _read_header(path, _UNET_HEADER, "save_unet")
+
+
+def load_unet(path: str | os.PathLike):
+    """Load a UNet written by :func:`save_unet` (float32); returns ``(unet, header)``."""
+    from diffusers import UNet2DConditionModel
+
+    header = read_unet_header(path)
+    return _load_weights(UNet2DConditionModel, path, header), header
+
+
+def _unet_matches(path: Path, spec: BaseSpec) -> bool:
+    try:
+        return read_unet_header(path)["spec"] == spec.to_dict()
+    except (OSError, ValueError, json.JSONDecodeError):
+        return False
+
+
+def unet_cache_path(spec: BaseSpec, cache_dir: str | os.PathLike) -> Path:
+    """Where :func:`ensure_unet` looks for (and caches) a pretrained UNet of ``spec`` besides the shipped asset."""
+    return Path(cache_dir) / f"unet-{_digest(spec.to_dict())}.safetensors"
+
+
+def ensure_unet(spec: BaseSpec, cache_dir: str | os.PathLike, *, device: torch.device | str = "cpu",
+                progress: bool = True):
+    """The pretrained UNet of ``spec``: the shipped asset if its header holds exactly this spec, else
+    :func:`unet_cache_path`, else a new :func:`pretrain_unet` run (hours on a CPU; minutes on a GPU), cached there.
+    Returns ``(unet, header)``."""
+    if _unet_matches(UNET_ASSET, spec):
+        return load_unet(UNET_ASSET)
+    cached = unet_cache_path(spec, cache_dir)
+    if _unet_matches(cached, spec):
+        return load_unet(cached)
+    training = spec.unet_pretraining
+    logger.warning("no pretrained UNet for this spec in %s or %s; pretraining one on %s (%d steps of %d: wants a "
+                   "GPU, see docs/demo.md)", UNET_ASSET, cached, device, training.steps, training.batch_size)
+    unet, _, report = pretrain_unet(spec, device=device, cache_dir=cache_dir, progress=progress)
+    save_unet(unet, cached, spec=spec, report=report)
+    return load_unet(cached)
+
+
 def build_base(out_dir: str | os.PathLike, spec: BaseSpec = BaseSpec(), *, cache_dir: str | os.PathLike | None = None,
                device: torch.device | str = "cpu", progress: bool = True, force: bool = False) -> Path:
     """Write the base model of ``spec`` as a diffusers ``StableDiffusionPipeline`` folder; returns ``out_dir``.
 
     A folder already holding the same spec (``ip2p_base.json``) is kept unless ``force``. The VAE comes from
-    :func:`ensure_vae` (the shipped asset, or trained once and cached in ``cache_dir``, default ``out_dir``'s parent).
+    :func:`ensure_vae` (the shipped asset, or trained once and cached in ``cache_dir``, default ``out_dir``'s parent);
+    with ``spec.unet_pretraining`` the UNet from :func:`ensure_unet` likewise, else a random one.
     """
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-
-    from ip2p import tiny
+    from diffusers import EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline
 
     out = Path(out_dir)
     meta = {"spec": spec.to_dict()}
@@ -408,17 +727,17 @@ def build_base(out_dir: str | os.PathLike, spec: BaseSpec = BaseSpec(), *, cache
             pass
     cache = Path(cache_dir) if cache_dir is not None else out.parent
     vae, header = ensure_vae(spec.vae, spec.vae_training, cache, device=device, progress=progress)
-    from ip2p.synthetic import vocabulary
-
-    tokenizer = tiny.tiny_tokenizer(vocabulary() if spec.text_words else (), max_length=spec.text_max_length)
-    text_encoder = tiny.tiny_text_encoder(len(tokenizer), seed=spec.seed + 2, hidden_size=spec.text_hidden_size,
-                                          max_length=spec.text_max_length, num_layers=spec.text_layers)
-    latent_size = spec.vae.size // 2 ** (len(spec.vae.block_out_channels) - 1)
-    unet = make_unet(spec.unet, spec.vae.latent_channels, spec.text_hidden_size, latent_size, seed=spec.seed)
+    tokenizer, text_encoder = _text_components(spec)
+    if spec.unet_pretraining is None:
+        latent_size = spec.vae.size // 2 ** (len(spec.vae.block_out_channels) - 1)
+        unet = make_unet(spec.unet, spec.vae.latent_channels, spec.text_hidden_size, latent_size, seed=spec.seed)
+        scheduler = _scheduler(PNDMScheduler, scheduler_config(spec))
+    else:  # diffusers' PNDM cannot step the x0 predictions the UNet was pretrained to make
+        unet, unet_header = ensure_unet(spec, cache, device=device, progress=progress)
+        meta["unet_report"] = unet_header["report"]
+        scheduler = _scheduler(EulerDiscreteScheduler, scheduler_config(spec))
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=PNDMScheduler(**tiny.SD_SCHEDULER_CONFIG, trained_betas=(
-            None if spec.noise_shift is None else shifted_cosine_betas(spec.noise_shift))),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     meta["vae_report"] = header["report"]
@@ -459,8 +778,44 @@ def _flags(text: str) -> tuple[bool, ...]:
     return tuple(v == "1" for v in values)
 
 
+def _add_spec_options(parser: argparse.ArgumentParser) -> None:
+    """The base architecture and pretraining options shared by ``build`` and ``unet``."""
+    unet_defaults, base_defaults, pre = UNetSpec(), BaseSpec(), UNetPretraining()
+    parser.add_argument("--unet-channels", type=_ints, default=unet_defaults.block_out_channels,
+                        help="UNet block_out_channels, comma-separated")
+    parser.add_argument("--unet-layers", type=int, default=unet_defaults.layers_per_block,
+                        help="UNet layers per block")
+    parser.add_argument("--unet-attention", type=_flags, default=None,
+                        help="cross-attention per UNet level, comma-separated 0/1 (default: all but the first)")
+    parser.add_argument("--text-hidden-size", type=int, default=base_defaults.text_hidden_size,
+                        help="width of the random text encoder (and the UNet's cross_attention_dim)")
+    parser.add_argument("--text-layers", type=int, default=base_defaults.text_layers,
+                        help="transformer layers of the random text encoder (0: embeddings only)")
+    parser.add_argument("--noise-shift", type=float, default=base_defaults.noise_shift,
+                        help="a shifted cosine noise schedule, log-SNR lowered by 2 ln k (default: SD v1's betas)")
+    for name in ("steps", "batch_size", "lr", "scenes", "caption_dropout", "ema_decay"):
+        default = getattr(pre, name)
+        parser.add_argument(f"--pretrain-{name.replace('_', '-')}", type=type(default), default=default,
+                            help=f"UNet pretraining {name} (default {default})")
+
+
+def _spec_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, pretrained: bool) -> BaseSpec:
+    levels = len(args.unet_channels)
+    attention = args.unet_attention if args.unet_attention is not None else (False,) + (True,) * (levels - 1)
+    if len(attention) != levels:
+        parser.error(f"--unet-attention has {len(attention)} flags; --unet-channels has {levels} levels")
+    pretraining = None
+    if pretrained:
+        pretraining = UNetPretraining(**{name: getattr(args, f"pretrain_{name}") for name in (
+            "steps", "batch_size", "lr", "scenes", "caption_dropout", "ema_decay")})
+    return BaseSpec(unet=UNetSpec(block_out_channels=args.unet_channels, layers_per_block=args.unet_layers,
+                                  attention=attention),
+                    text_hidden_size=args.text_hidden_size, text_layers=args.text_layers,
+                    noise_shift=args.noise_shift, unet_pretraining=pretraining)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ip2p.base vae [--out PATH]`` or ``python -m ip2p.base build OUT``."""
+    """``python -m ip2p.base vae``, ``python -m ip2p.base unet`` or ``python -m ip2p.base build OUT``."""
     parser = argparse.ArgumentParser(prog="python -m ip2p.base", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     vae_p = sub.add_parser("vae", help="train the base VAE on synthetic scenes and write it (default: the asset)")
@@ -473,29 +828,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("steps", "batch_size", "lr", "kl_weight", "seed"):
         default = getattr(defaults_training, name)
         vae_p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
-    vae_p.add_argument("--device", default="cpu", help="torch device to train on (default cpu)")
-    vae_p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    unet_p = sub.add_parser("unet", help="pretrain the base UNet as a text-to-image model on captioned scenes and "
+                                         "write it (default: the asset; wants a GPU)")
+    unet_p.add_argument("--out", default=str(UNET_ASSET), help=f"safetensors file to write (default {UNET_ASSET})")
+    _add_spec_options(unet_p)
+    unet_p.add_argument("--minutes", type=float, default=None,
+                        help="fit the number of steps (at most --pretrain-steps) to this many minutes of training")
+    unet_p.add_argument("--workers", type=int, default=None, help="processes drawing scenes (default: CPU cores)")
+    unet_p.add_argument("--cache-dir", default=None, help="where a VAE other than the shipped one is cached")
+    for p in (vae_p, unet_p):
+        p.add_argument("--device", default="cpu", help="torch device to train on (default cpu)")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     build_p = sub.add_parser("build", help="write the base model as a diffusers folder")
     build_p.add_argument("out", help="folder to write")
     build_p.add_argument("--force", action="store_true")
-    unet_defaults, base_defaults = UNetSpec(), BaseSpec()
-    build_p.add_argument("--unet-channels", type=_ints, default=unet_defaults.block_out_channels,
-                         help="UNet block_out_channels, comma-separated")
-    build_p.add_argument("--unet-layers", type=int, default=unet_defaults.layers_per_block,
-                         help="UNet layers per block")
-    build_p.add_argument("--unet-attention", type=_flags, default=None,
-                         help="cross-attention per UNet level, comma-separated 0/1 (default: all but the first)")
-    build_p.add_argument("--text-hidden-size", type=int, default=base_defaults.text_hidden_size,
-                         help="width of the random text encoder (and the UNet's cross_attention_dim)")
-    build_p.add_argument("--text-layers", type=int, default=base_defaults.text_layers,
-                         help="transformer layers of the random text encoder (0: embeddings only)")
-    build_p.add_argument("--noise-shift", type=float, default=base_defaults.noise_shift,
-                         help="a shifted cosine noise schedule, log-SNR lowered by 2 ln k (default: SD v1's betas)")
+    build_p.add_argument("--pretrained-unet", action="store_true",
+                         help="a UNet pretrained as text-to-image (the shipped asset, or one from `unet`, found in "
+                              "OUT's parent as unet-<digest>.safetensors) instead of a random one")
+    _add_spec_options(build_p)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     if args.command == "vae":
-        if args.threads:
-            torch.set_num_threads(args.threads)
         spec = VaeSpec(block_out_channels=args.channels, latent_channels=args.latent_channels,
                        layers_per_block=args.layers_per_block)
         training = VaeTraining(steps=args.steps, batch_size=args.batch_size, lr=args.lr, kl_weight=args.kl_weight,
@@ -503,15 +858,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         vae, report = train_vae(spec, training, device=args.device)
         path = save_vae(vae, args.out, spec=spec, training=training, report=report)
         logger.info("wrote %s (%.2f MB): %s", path, path.stat().st_size / 1e6, json.dumps(report))
+    elif args.command == "unet":
+        spec = _spec_from_args(parser, args, pretrained=True)
+        try:
+            unet, spec, report = pretrain_unet(spec, device=args.device, minutes=args.minutes,
+                                               cache_dir=args.cache_dir, workers=args.workers)
+        except ValueError as e:
+            parser.error(str(e))
+        path = save_unet(unet, args.out, spec=spec, report=report)
+        logger.info("wrote %s (%.2f MB), spec digest %s: %s", path, path.stat().st_size / 1e6,
+                    unet_cache_path(spec, ".").name, json.dumps(report))
     else:
-        levels = len(args.unet_channels)
-        attention = args.unet_attention if args.unet_attention is not None else (False,) + (True,) * (levels - 1)
-        if len(attention) != levels:
-            parser.error(f"--unet-attention has {len(attention)} flags; --unet-channels has {levels} levels")
-        spec = BaseSpec(unet=UNetSpec(block_out_channels=args.unet_channels, layers_per_block=args.unet_layers,
-                                      attention=attention),
-                        text_hidden_size=args.text_hidden_size, text_layers=args.text_layers,
-                        noise_shift=args.noise_shift)
+        spec = _spec_from_args(parser, args, pretrained=args.pretrained_unet)
         try:
             out = build_base(args.out, spec, force=args.force)
         except ValueError as e:

@@ -213,10 +213,14 @@ HELDOUT_TEMPLATES: dict[str, tuple[str, ...]] = {
 """Phrasing templates used only by ``test_heldout_phrasings``."""
 
 
+_CAPTION_WORDS = ("and", "on", "empty")  # the words :func:`caption` adds to the instructions' ones
+
+
 def vocabulary() -> list[str]:
-    """Every word the training phrasings can produce (templates, colours, shapes, places), sorted: what a tokenizer
-    fitted on the training instructions knows. Words only in :data:`HELDOUT_TEMPLATES` are not in it."""
-    words = set(COLOURS) | set(SHAPES) | {BACKGROUND, "a", "an", "the"}
+    """Every word the training phrasings and scene captions can produce (templates, colours, shapes, places),
+    sorted: what a tokenizer fitted on the training instructions and captions knows. Words only in
+    :data:`HELDOUT_TEMPLATES` are not in it."""
+    words = set(COLOURS) | set(SHAPES) | {BACKGROUND, "a", "an", "the"} | set(_CAPTION_WORDS)
     for templates in TRAIN_TEMPLATES.values():
         for template in templates:
             words.update(re.findall(r"[a-z]+", re.sub(r"\{[a-z_]+\}", " ", template)))
@@ -787,9 +791,36 @@ def scene_images(n: int, seed: int, size: int = 64) -> np.ndarray:
     _check_size(size)
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     for i in range(n):
-        rng = _example_rng(seed, _SCENE_STREAM, i)
-        images[i] = render_scene(_random_scene(rng, size, min_objects=0, max_objects=MAX_OBJECTS_AFTER_ADD))
+        images[i] = render_scene(random_scene(seed, i, size))
     return images
+
+
+def random_scene(seed: int, index: int, size: int = 64) -> Scene:
+    """Scene ``index`` of :func:`scene_images`' stream ``seed`` (0-4 objects), e.g. to caption it."""
+    rng = _example_rng(seed, _SCENE_STREAM, index)
+    return _random_scene(rng, size, min_objects=0, max_objects=MAX_OBJECTS_AFTER_ADD)
+
+
+def nearest_cell(obj: SceneObject, size: int) -> str:
+    """The name of the 3x3 grid cell (:data:`POSITIONS`) whose centre is nearest the object's centre."""
+    return min(POSITIONS, key=lambda name: (POSITIONS[name][0] * size - obj.cx) ** 2
+               + (POSITIONS[name][1] * size - obj.cy) ** 2)
+
+
+def caption(scene: Scene, positions: bool = False) -> str:
+    """A caption of ``scene``: "a red circle and a blue star on a white background"; with ``positions`` each object
+    is followed by its grid cell: "a red circle top left and a blue star centre on a white background"."""
+    things = [_thing(o.shape, o.colour) + (f" {nearest_cell(o, scene.size)}" if positions else "")
+              for o in scene.objects]
+    return list_caption(things, scene.background)
+
+
+def list_caption(things: Sequence[str], background: str) -> str:
+    """ "a, b and c on a <background> background", or "an empty <background> background"."""
+    if not things:
+        return f"an empty {background} background"
+    listed = things[0] if len(things) == 1 else ", ".join(things[:-1]) + " and " + things[-1]
+    return f"{listed} on {_article(background)} {background} background"
 
 
 def _scene_key(meta: Mapping[str, Any]) -> str:

@@ -95,13 +95,9 @@ def load_examples(data: str | os.PathLike | Iterable[EditExample | Mapping[str, 
 
 def scene_caption(scene: Mapping[str, Any]) -> str:
     """A caption of a synthetic scene's metadata, e.g. "a red circle and a blue star on a white background"."""
-    from ip2p.synthetic import _thing
+    from ip2p.synthetic import _thing, list_caption
 
-    things = [_thing(o["shape"], o["colour"]) for o in scene["objects"]]
-    if not things:
-        return f"an empty {scene['background']} background"
-    listed = things[0] if len(things) == 1 else ", ".join(things[:-1]) + " and " + things[-1]
-    return f"{listed} on a {scene['background']} background"
+    return list_caption([_thing(o["shape"], o["colour"]) for o in scene["objects"]], scene["background"])
 
 
 # -------------------------------------------------------------------------------------------------------------- edits
