@@ -10,7 +10,9 @@ other (``model.pretrained=<folder>``):
   detail for exact palette colours and aliased edges. Its ``scaling_factor`` is 1 / the std of its latents, as SD's.
   The trained weights ship in ``ip2p/assets/demo_vae.safetensors`` (reproduce: ``python -m ip2p.base vae``).
 - UNet: a randomly initialised text-to-image UNet (``in_channels = out_channels = latent channels``); fine-tuning
-  expands its ``conv_in`` as for SD.
+  expands its ``conv_in`` as for SD. Or (``BaseSpec.unet_pretraining``) one pretrained as a text-to-image model on
+  captioned scenes by :func:`pretrain_unet` (``python -m ip2p.base unet``, on a GPU), as SD's was; measured in
+  docs/demo.md, not the default.
 - Text encoder: a seeded, random, frozen tiny CLIP text model (32 positions) over a CLIP BPE tokenizer in which
   every word of the training phrasings is one token and other words are characters (:mod:`ip2p.tiny`,
   :func:`ip2p.synthetic.vocabulary`): what the framework trains with (only the UNet learns). It has no knowledge of
@@ -19,8 +21,8 @@ other (``model.pretrained=<folder>``):
 - Scheduler: Stable Diffusion v1's settings (``configs/demo.yaml`` fine-tunes with x0 prediction on them, rescaled to
   zero terminal SNR), or with ``BaseSpec.noise_shift`` a shifted cosine schedule (measured in docs/demo.md).
 
-``python -m ip2p.base vae`` trains and writes the VAE asset; ``python -m ip2p.base build OUT`` writes a base folder
-(``--help`` lists the architecture and schedule options).
+``python -m ip2p.base vae`` trains and writes the VAE asset; ``python -m ip2p.base unet`` pretrains a UNet;
+``python -m ip2p.base build OUT`` writes a base folder (``--help`` lists the architecture and schedule options).
 """
 
 from __future__ import annotations
@@ -451,25 +453,31 @@ def _scheduler(cls: type, config: dict[str, Any]):
     return cls(**{k: v for k, v in config.items() if k in accepted})
 
 
+def _words(spec: BaseSpec) -> list[str]:
+    """The tokenizer's whole-word tokens: the instructions' words, and the captions' too for a pretrained UNet."""
+    from ip2p.synthetic import vocabulary
+
+    return vocabulary(captions=spec.unet_pretraining is not None) if spec.text_words else []
+
+
 def _text_components(spec: BaseSpec):
     """The base's tokenizer and frozen random text encoder (eval mode)."""
     from ip2p import tiny
-    from ip2p.synthetic import vocabulary
 
-    tokenizer = tiny.tiny_tokenizer(vocabulary() if spec.text_words else (), max_length=spec.text_max_length)
+    tokenizer = tiny.tiny_tokenizer(_words(spec), max_length=spec.text_max_length)
     text_encoder = tiny.tiny_text_encoder(len(tokenizer), seed=spec.seed + 2, hidden_size=spec.text_hidden_size,
                                           max_length=spec.text_max_length, num_layers=spec.text_layers)
     return tokenizer, text_encoder.eval().requires_grad_(False)
 
 
-def _draw_captioned(seed: int, start: int, count: int, size: int, max_length: int, words: bool
+def _draw_captioned(seed: int, start: int, count: int, size: int, max_length: int, words: Sequence[str]
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Scenes ``start .. start + count`` of stream ``seed``: images (count, H, W, 3) uint8 and the token ids of their
     captions with positions, (count, max_length) int32. Runs in worker processes."""
     from ip2p import tiny
-    from ip2p.synthetic import caption, random_scene, render_scene, vocabulary
+    from ip2p.synthetic import caption, random_scene, render_scene
 
-    tokenizer = tiny.tiny_tokenizer(vocabulary() if words else (), max_length=max_length)
+    tokenizer = tiny.tiny_tokenizer(words, max_length=max_length)
     scenes = [random_scene(seed, i, size) for i in range(start, start + count)]
     ids = tokenizer([caption(s, positions=True) for s in scenes], padding="max_length", max_length=max_length,
                     truncation=True, return_tensors="np").input_ids
@@ -485,7 +493,7 @@ def captioned_scenes(n: int, seed: int, spec: BaseSpec, *, workers: int | None =
 
     from tqdm.auto import tqdm
 
-    jobs = [(seed, start, min(_SCENE_CHUNK, n - start), spec.vae.size, spec.text_max_length, spec.text_words)
+    jobs = [(seed, start, min(_SCENE_CHUNK, n - start), spec.vae.size, spec.text_max_length, _words(spec))
             for start in range(0, n, _SCENE_CHUNK)]
     workers = min(len(jobs), workers or os.cpu_count() or 1)
     bar = dict(total=len(jobs), desc="scenes", unit="chunk", disable=not progress, dynamic_ncols=True)

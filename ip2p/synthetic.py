@@ -216,11 +216,11 @@ HELDOUT_TEMPLATES: dict[str, tuple[str, ...]] = {
 _CAPTION_WORDS = ("and", "on", "empty")  # the words :func:`caption` adds to the instructions' ones
 
 
-def vocabulary() -> list[str]:
-    """Every word the training phrasings and scene captions can produce (templates, colours, shapes, places),
-    sorted: what a tokenizer fitted on the training instructions and captions knows. Words only in
+def vocabulary(captions: bool = False) -> list[str]:
+    """Every word the training phrasings can produce (templates, colours, shapes, places), sorted: what a tokenizer
+    fitted on the training instructions knows; with ``captions``, also every word of :func:`caption`. Words only in
     :data:`HELDOUT_TEMPLATES` are not in it."""
-    words = set(COLOURS) | set(SHAPES) | {BACKGROUND, "a", "an", "the"} | set(_CAPTION_WORDS)
+    words = set(COLOURS) | set(SHAPES) | {BACKGROUND, "a", "an", "the"} | (set(_CAPTION_WORDS) if captions else set())
     for templates in TRAIN_TEMPLATES.values():
         for template in templates:
             words.update(re.findall(r"[a-z]+", re.sub(r"\{[a-z_]+\}", " ", template)))

@@ -27,7 +27,10 @@ def test_caption_with_positions_names_each_object_cell():
 def test_every_caption_word_is_one_token():
     from ip2p import tiny
 
-    tokenizer = tiny.tiny_tokenizer(synthetic.vocabulary(), max_length=32)
+    tokenizer = tiny.tiny_tokenizer(synthetic.vocabulary(captions=True), max_length=32)
+    assert set(synthetic.vocabulary()) < set(synthetic.vocabulary(captions=True))
+    assert base._words(TINY) == synthetic.vocabulary(captions=True) and base._words(base.BaseSpec()) == \
+        synthetic.vocabulary()  # the default base's tokenizer is unchanged
     for i in range(50):
         text = synthetic.caption(synthetic.random_scene(5, i), positions=True)
         words = text.replace(",", " ,").split()
@@ -90,6 +93,11 @@ def test_unet_file_round_trip_and_build_base(pretrained, tmp_path):
     for (name, a), b in zip(loaded.state_dict().items(), built.state_dict().values()):
         torch.testing.assert_close(b, a, msg=name)
     assert base.read_base_meta(out)["unet_report"]["steps"] == 6
+    # The CLI builds the same base from the same options.
+    assert base.main(["build", str(tmp_path / "cli"), "--pretrained-unet", "--unet-channels", "16,32",
+                      "--unet-layers", "1", "--pretrain-steps", "6", "--pretrain-batch-size", "4",
+                      "--pretrain-scenes", "40"]) == 0
+    assert base.read_base_meta(tmp_path / "cli")["spec"] == spec.to_dict()
     # Another spec does not pick this file up.
     other = replace(spec, unet_pretraining=replace(spec.unet_pretraining, steps=7))
     assert not base._unet_matches(path, other) and base.unet_cache_path(other, tmp_path) != path
