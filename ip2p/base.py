@@ -46,10 +46,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ip2p.scene_clip import TextPretraining
+
 logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 VAE_ASSET = ASSETS / "demo_vae.safetensors"
+TEXT_ASSET = ASSETS / "demo_text_encoder.safetensors"
 BASE_META_FILE = "ip2p_base.json"
 PSNR_EVAL_IMAGES = 512
 PSNR_EVAL_SEED = 1_000_003  # scene_images seed of the held-out images
@@ -124,6 +127,9 @@ class BaseSpec:
     noise_shift: float | None = None
     """None: Stable Diffusion v1's betas. A number k: the cosine schedule with its log-SNR lowered by 2 ln k
     (:func:`shifted_cosine_betas`), for images whose flat regions show through more noise than SD's schedule assumes."""
+    text_pretraining: TextPretraining | None = None
+    """None: a random frozen text encoder. Else one trained as the text tower of a tiny CLIP on captioned scenes
+    (:func:`ensure_text_encoder`: the shipped asset when it matches, else a cached or new run, minutes on a CPU)."""
     unet_pretraining: UNetPretraining | None = None
     """None: a randomly initialised UNet. Else the UNet is pretrained as a text-to-image model (:func:`ensure_unet`:
     the shipped asset when it matches the whole spec, else a cached or new run, which wants a GPU)."""
@@ -141,11 +147,13 @@ class BaseSpec:
         vae = dict(data.get("vae", {}))
         if "block_out_channels" in vae:
             vae["block_out_channels"] = tuple(vae["block_out_channels"])
-        pretraining = data.get("unet_pretraining")
+        pretraining, text = data.get("unet_pretraining"), data.get("text_pretraining")
         return cls(vae=VaeSpec(**vae), vae_training=VaeTraining(**data.get("vae_training", {})),
                    unet=UNetSpec(**unet),
                    unet_pretraining=None if pretraining is None else UNetPretraining(**pretraining),
-                   **{k: v for k, v in data.items() if k not in ("vae", "vae_training", "unet", "unet_pretraining")})
+                   text_pretraining=None if text is None else TextPretraining(**text),
+                   **{k: v for k, v in data.items()
+                      if k not in ("vae", "vae_training", "unet", "unet_pretraining", "text_pretraining")})
 
 
 def _digest(data: Any) -> str:
@@ -457,17 +465,55 @@ def _words(spec: BaseSpec) -> list[str]:
     """The tokenizer's whole-word tokens: the instructions' words, and the captions' too for a pretrained UNet."""
     from ip2p.synthetic import vocabulary
 
-    return vocabulary(captions=spec.unet_pretraining is not None) if spec.text_words else []
+    captions = spec.unet_pretraining is not None or spec.text_pretraining is not None
+    return vocabulary(captions=captions) if spec.text_words else []
 
 
-def _text_components(spec: BaseSpec):
-    """The base's tokenizer and frozen random text encoder (eval mode)."""
+def _text_components(spec: BaseSpec, cache_dir: str | os.PathLike | None = None, *, progress: bool = True):
+    """The base's tokenizer and frozen text encoder (eval mode): random, or :func:`ensure_text_encoder`'s."""
     from ip2p import tiny
 
     tokenizer = tiny.tiny_tokenizer(_words(spec), max_length=spec.text_max_length)
+    if spec.text_pretraining is not None:
+        text_encoder, _ = ensure_text_encoder(spec, cache_dir if cache_dir is not None else tempfile.gettempdir(),
+                                              progress=progress)
+        return tokenizer, text_encoder
     text_encoder = tiny.tiny_text_encoder(len(tokenizer), seed=spec.seed + 2, hidden_size=spec.text_hidden_size,
                                           max_length=spec.text_max_length, num_layers=spec.text_layers)
     return tokenizer, text_encoder.eval().requires_grad_(False)
+
+
+def text_key(spec: BaseSpec) -> dict[str, Any]:
+    """What a pretrained text encoder depends on: the tokenizer, the text model's shape and seed, the scenes, the
+    training settings."""
+    return {"words": _words(spec), "hidden_size": spec.text_hidden_size, "layers": spec.text_layers,
+            "max_length": spec.text_max_length, "seed": spec.seed, "size": spec.vae.size,
+            "training": dataclasses.asdict(spec.text_pretraining)}
+
+
+def ensure_text_encoder(spec: BaseSpec, cache_dir: str | os.PathLike, *, progress: bool = True):
+    """The text encoder of ``spec.text_pretraining``: the shipped asset if it matches :func:`text_key`, else
+    ``cache_dir/text-<digest>.safetensors``, else a new :func:`ip2p.scene_clip.pretrain_text_encoder` run (minutes on
+    a CPU), cached there. Returns ``(text_encoder, header)``."""
+    from ip2p import scene_clip, tiny
+
+    key = text_key(spec)
+    if scene_clip.matches(TEXT_ASSET, key):
+        return scene_clip.load_text_encoder(TEXT_ASSET)
+    cached = Path(cache_dir) / f"text-{_digest(key)}.safetensors"
+    if scene_clip.matches(cached, key):
+        return scene_clip.load_text_encoder(cached)
+    training = spec.text_pretraining
+    logger.info("no pretrained text encoder for this spec in %s or %s; training one (%d steps)", TEXT_ASSET, cached,
+                training.steps)
+    vocab = tiny.tiny_tokenizer(_words(spec), max_length=spec.text_max_length)
+    text_encoder = tiny.tiny_text_encoder(len(vocab), seed=spec.seed + 2, hidden_size=spec.text_hidden_size,
+                                          max_length=spec.text_max_length, num_layers=spec.text_layers)
+    images, ids = captioned_scenes(training.scenes, scene_clip.TEXT_SEED_BASE + training.seed, spec,
+                                   progress=progress)
+    text_encoder, report = scene_clip.pretrain_text_encoder(text_encoder, images, ids, training, progress=progress)
+    scene_clip.save_text_encoder(text_encoder, cached, key=key, report=report)
+    return scene_clip.load_text_encoder(cached)
 
 
 def _draw_captioned(seed: int, start: int, count: int, size: int, max_length: int, words: Sequence[str]
@@ -549,7 +595,7 @@ def pretrain_unet(spec: BaseSpec, *, device: torch.device | str = "cpu", minutes
     cache = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir())
     vae, _ = ensure_vae(spec.vae, spec.vae_training, cache, device=device, progress=progress)
     vae = vae.to(device)
-    tokenizer, text_encoder = _text_components(spec)
+    tokenizer, text_encoder = _text_components(spec, cache, progress=progress)
     text_encoder = text_encoder.to(device)
     latents = _encode_latents(vae, images, device)
     del images
@@ -735,7 +781,7 @@ def build_base(out_dir: str | os.PathLike, spec: BaseSpec = BaseSpec(), *, cache
             pass
     cache = Path(cache_dir) if cache_dir is not None else out.parent
     vae, header = ensure_vae(spec.vae, spec.vae_training, cache, device=device, progress=progress)
-    tokenizer, text_encoder = _text_components(spec)
+    tokenizer, text_encoder = _text_components(spec, cache, progress=progress)
     if spec.unet_pretraining is None:
         latent_size = spec.vae.size // 2 ** (len(spec.vae.block_out_channels) - 1)
         unet = make_unet(spec.unet, spec.vae.latent_channels, spec.text_hidden_size, latent_size, seed=spec.seed)
@@ -749,6 +795,8 @@ def build_base(out_dir: str | os.PathLike, spec: BaseSpec = BaseSpec(), *, cache
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     meta["vae_report"] = header["report"]
+    if spec.text_pretraining is not None:
+        meta["text_report"] = ensure_text_encoder(spec, cache, progress=progress)[1]["report"]
     meta["params"] = {name: sum(p.numel() for p in module.parameters())
                       for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -805,6 +853,12 @@ def _add_spec_options(parser: argparse.ArgumentParser) -> None:
         default = getattr(pre, name)
         parser.add_argument(f"--pretrain-{name.replace('_', '-')}", type=type(default), default=default,
                             help=f"UNet pretraining {name} (default {default})")
+    parser.add_argument("--pretrained-text", action="store_true",
+                        help="a text encoder trained as a tiny CLIP's text tower (the shipped asset, or one trained "
+                             "and cached now, minutes on a CPU) instead of a random one")
+    for name, default in dataclasses.asdict(TextPretraining()).items():
+        parser.add_argument(f"--text-{name.replace('_', '-')}", type=type(default), default=default,
+                            help=f"text encoder pretraining {name} (default {default})")
 
 
 def _spec_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, pretrained: bool) -> BaseSpec:
@@ -816,10 +870,14 @@ def _spec_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, p
     if pretrained:
         pretraining = UNetPretraining(**{name: getattr(args, f"pretrain_{name}") for name in (
             "steps", "batch_size", "lr", "scenes", "caption_dropout", "ema_decay")})
+    text = None
+    if args.pretrained_text:
+        text = TextPretraining(**{name: getattr(args, f"text_{name}") for name in
+                                  dataclasses.asdict(TextPretraining())})
     return BaseSpec(unet=UNetSpec(block_out_channels=args.unet_channels, layers_per_block=args.unet_layers,
                                   attention=attention),
                     text_hidden_size=args.text_hidden_size, text_layers=args.text_layers,
-                    noise_shift=args.noise_shift, unet_pretraining=pretraining)
+                    noise_shift=args.noise_shift, unet_pretraining=pretraining, text_pretraining=text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -844,6 +902,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="fit the number of steps (at most --pretrain-steps) to this many minutes of training")
     unet_p.add_argument("--workers", type=int, default=None, help="processes drawing scenes (default: CPU cores)")
     unet_p.add_argument("--cache-dir", default=None, help="where a VAE other than the shipped one is cached")
+    text_p = sub.add_parser("text", help="train the base text encoder as a tiny CLIP's text tower on captioned "
+                                         "scenes and write it (default: the asset)")
+    text_p.add_argument("--out", default=str(TEXT_ASSET), help=f"safetensors file to write (default {TEXT_ASSET})")
+    _add_spec_options(text_p)
     for p in (vae_p, unet_p):
         p.add_argument("--device", default="cpu", help="torch device to train on (default cpu)")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -866,6 +928,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         vae, report = train_vae(spec, training, device=args.device)
         path = save_vae(vae, args.out, spec=spec, training=training, report=report)
         logger.info("wrote %s (%.2f MB): %s", path, path.stat().st_size / 1e6, json.dumps(report))
+    elif args.command == "text":
+        args.pretrained_text = True
+        spec = _spec_from_args(parser, args, pretrained=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            text_encoder, header = ensure_text_encoder(spec, tmp)
+            from ip2p.scene_clip import save_text_encoder
+
+            path = save_text_encoder(text_encoder, args.out, key=header["key"], report=header["report"])
+        logger.info("wrote %s (%.2f MB): %s", path, path.stat().st_size / 1e6, json.dumps(header["report"]))
     elif args.command == "unet":
         spec = _spec_from_args(parser, args, pretrained=True)
         try:
