@@ -671,7 +671,8 @@ def caption_report(unet, vae, text_encoder, tokenizer, config: dict[str, Any], *
     """How well a text-to-image UNet draws ``n`` held-out captions (Euler, ``steps`` steps, each text guidance):
     the share of objects whose region's mean colour is nearest (Lab) to the captioned colour
     (``caption_objects_g<g>``), the same for backgrounds (``caption_backgrounds_g<g>``), and of scenes with every
-    colour right (``caption_scenes_g<g>``)."""
+    colour right (``caption_scenes_g<g>``). The regions are the caption's scene's exact masks, which a caption's
+    coarse positions do not pin down: an object drawn a little off its place counts as wrong (a lower bound)."""
     from ip2p.conditioning import encode_text
     from ip2p.eval.metrics import mean_colour, nearest_palette_colour
     from ip2p.sampling import make_scheduler, sample
@@ -835,7 +836,7 @@ def _flags(text: str) -> tuple[bool, ...]:
 
 
 def _add_spec_options(parser: argparse.ArgumentParser) -> None:
-    """The base architecture and pretraining options shared by ``build`` and ``unet``."""
+    """The base architecture and pretraining options shared by ``build``, ``unet`` and ``text``."""
     unet_defaults, base_defaults, pre = UNetSpec(), BaseSpec(), UNetPretraining()
     parser.add_argument("--unet-channels", type=_ints, default=unet_defaults.block_out_channels,
                         help="UNet block_out_channels, comma-separated")
