@@ -76,3 +76,15 @@ def test_text_encoder_file_round_trip_and_base(trained, tmp_path):
 def test_default_base_has_no_pretrained_text_encoder():
     assert base.BaseSpec().text_pretraining is None
     assert "and" not in base._words(base.BaseSpec()) and "and" in base._words(SPEC)
+
+
+def test_text_cli_writes_a_file_that_build_finds(tmp_path):
+    out = tmp_path / "text.safetensors"
+    options = ["--text-steps", "3", "--text-scenes", "1100", "--text-batch-size", "8"]
+    assert base.main(["text", "--out", str(out), *options]) == 0
+    header = scene_clip.read_text_encoder_header(out)
+    spec = base.BaseSpec(text_pretraining=scene_clip.TextPretraining(steps=3, scenes=1100, batch_size=8))
+    assert header["key"] == json.loads(json.dumps(base.text_key(spec)))
+    assert header["report"]["heldout_scenes"] == scene_clip.HELDOUT_SCENES and header["report"]["steps"] == 3
+    with pytest.raises(SystemExit):  # bad options are one parser error, as for the other commands
+        base.main(["text", "--out", str(out), "--text-steps", "many"])
