@@ -10,7 +10,6 @@ that means blue. The image tower is thrown away; the text model is saved with it
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -175,7 +174,3 @@ def matches(path: Path, key: dict[str, Any]) -> bool:
         return read_text_encoder_header(path)["key"] == json.loads(json.dumps(key))
     except (OSError, ValueError, json.JSONDecodeError):
         return False
-
-
-def training_dict(training: TextPretraining) -> dict[str, Any]:
-    return dataclasses.asdict(training)

@@ -797,6 +797,9 @@ def scene_images(n: int, seed: int, size: int = 64) -> np.ndarray:
 
 def random_scene(seed: int, index: int, size: int = 64) -> Scene:
     """Scene ``index`` of :func:`scene_images`' stream ``seed`` (0-4 objects), e.g. to caption it."""
+    for name, value in (("seed", seed), ("index", index)):
+        _check_count(name, value)
+    _check_size(size)
     rng = _example_rng(seed, _SCENE_STREAM, index)
     return _random_scene(rng, size, min_objects=0, max_objects=MAX_OBJECTS_AFTER_ADD)
 

@@ -24,6 +24,14 @@ def test_caption_with_positions_names_each_object_cell():
     assert synthetic.caption(Scene("white", (), 64), positions=True) == "an empty white background"
 
 
+def test_random_scene_is_scene_images_scene_and_checks_its_arguments():
+    np.testing.assert_array_equal(synthetic.render_scene(synthetic.random_scene(7, 2, 48)),
+                                  synthetic.scene_images(3, 7, 48)[2])
+    for bad in (dict(seed=-1, index=0), dict(seed=0, index=-2), dict(seed=0, index=0, size=8)):
+        with pytest.raises(ValueError, match="invalid|too small"):
+            synthetic.random_scene(**bad)
+
+
 def test_every_caption_word_is_one_token():
     from ip2p import tiny
 
