@@ -182,12 +182,16 @@ def make_vae(spec: VaeSpec, seed: int = 0):
     )
 
 
+def to_model_range(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 images (N, H, W, 3) as a (N, 3, H, W) float tensor in [-1, 1] on ``device``, as the VAE takes them."""
+    return torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
 def _scene_batch(n: int, seed: int, size: int, device: torch.device) -> torch.Tensor:
     """``n`` synthetic scenes as a (n, 3, size, size) float tensor in [-1, 1]."""
     from ip2p.synthetic import scene_images
 
-    images = torch.from_numpy(scene_images(n, seed, size))  # (n, H, W, 3) uint8
-    return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(device)
+    return to_model_range(scene_images(n, seed, size), device)
 
 
 @torch.no_grad()
@@ -235,8 +239,7 @@ def oracle_success(vae, n: int = ORACLE_EXAMPLES, seed: int = 0) -> dict[str, fl
 
     device = next(vae.parameters()).device
     examples = generate_split("test_heldout_combinations", n, seed, size=int(vae.config.sample_size))
-    targets = torch.from_numpy(np.stack([e.target for e in examples])).permute(0, 3, 1, 2)
-    recon = reconstruct(vae, targets.float().div(127.5).sub(1.0).to(device))
+    recon = reconstruct(vae, to_model_range(np.stack([e.target for e in examples]), device))
     recon = (recon * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     summary = summarise([edit_success(r, e) for r, e in zip(recon, examples)])
     return {"oracle_success": summary["success"], "oracle_strict_success": summary["strict_success"]}
@@ -469,18 +472,25 @@ def _words(spec: BaseSpec) -> list[str]:
     return vocabulary(captions=captions) if spec.text_words else []
 
 
+def _random_text_encoder(spec: BaseSpec, vocab_size: int):
+    """The seeded random tiny CLIP text model of ``spec`` (the starting point of a pretrained one too)."""
+    from ip2p import tiny
+
+    return tiny.tiny_text_encoder(vocab_size, seed=spec.seed + 2, hidden_size=spec.text_hidden_size,
+                                  max_length=spec.text_max_length, num_layers=spec.text_layers)
+
+
 def _text_components(spec: BaseSpec, cache_dir: str | os.PathLike | None = None, *, progress: bool = True):
-    """The base's tokenizer and frozen text encoder (eval mode): random, or :func:`ensure_text_encoder`'s."""
+    """The base's tokenizer, frozen text encoder (eval mode) and the text encoder's training report: random (report
+    None), or :func:`ensure_text_encoder`'s."""
     from ip2p import tiny
 
     tokenizer = tiny.tiny_tokenizer(_words(spec), max_length=spec.text_max_length)
     if spec.text_pretraining is not None:
-        text_encoder, _ = ensure_text_encoder(spec, cache_dir if cache_dir is not None else tempfile.gettempdir(),
-                                              progress=progress)
-        return tokenizer, text_encoder
-    text_encoder = tiny.tiny_text_encoder(len(tokenizer), seed=spec.seed + 2, hidden_size=spec.text_hidden_size,
-                                          max_length=spec.text_max_length, num_layers=spec.text_layers)
-    return tokenizer, text_encoder.eval().requires_grad_(False)
+        text_encoder, header = ensure_text_encoder(
+            spec, cache_dir if cache_dir is not None else tempfile.gettempdir(), progress=progress)
+        return tokenizer, text_encoder, header["report"]
+    return tokenizer, _random_text_encoder(spec, len(tokenizer)).eval().requires_grad_(False), None
 
 
 def text_key(spec: BaseSpec) -> dict[str, Any]:
@@ -506,9 +516,7 @@ def ensure_text_encoder(spec: BaseSpec, cache_dir: str | os.PathLike, *, progres
     training = spec.text_pretraining
     logger.info("no pretrained text encoder for this spec in %s or %s; training one (%d steps)", TEXT_ASSET, cached,
                 training.steps)
-    vocab = tiny.tiny_tokenizer(_words(spec), max_length=spec.text_max_length)
-    text_encoder = tiny.tiny_text_encoder(len(vocab), seed=spec.seed + 2, hidden_size=spec.text_hidden_size,
-                                          max_length=spec.text_max_length, num_layers=spec.text_layers)
+    text_encoder = _random_text_encoder(spec, len(tiny.tiny_tokenizer(_words(spec), max_length=spec.text_max_length)))
     images, ids = captioned_scenes(training.scenes, scene_clip.TEXT_SEED_BASE + training.seed, spec,
                                    progress=progress)
     text_encoder, report = scene_clip.pretrain_text_encoder(text_encoder, images, ids, training, progress=progress)
@@ -521,12 +529,12 @@ def _draw_captioned(seed: int, start: int, count: int, size: int, max_length: in
     """Scenes ``start .. start + count`` of stream ``seed``: images (count, H, W, 3) uint8 and the token ids of their
     captions with positions, (count, max_length) int32. Runs in worker processes."""
     from ip2p import tiny
+    from ip2p.conditioning import tokenize
     from ip2p.synthetic import caption, random_scene, render_scene
 
     tokenizer = tiny.tiny_tokenizer(words, max_length=max_length)
     scenes = [random_scene(seed, i, size) for i in range(start, start + count)]
-    ids = tokenizer([caption(s, positions=True) for s in scenes], padding="max_length", max_length=max_length,
-                    truncation=True, return_tensors="np").input_ids
+    ids = tokenize(tokenizer, [caption(s, positions=True) for s in scenes]).numpy()
     return np.stack([render_scene(s) for s in scenes]), ids.astype(np.int32)
 
 
@@ -558,8 +566,7 @@ def _encode_latents(vae, images: np.ndarray, device: torch.device, batch_size: i
     scale = float(vae.config.scaling_factor)
     out = []
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[i:i + batch_size]).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-        out.append(vae.encode(x).latent_dist.mode() * scale)
+        out.append(vae.encode(to_model_range(images[i:i + batch_size], device)).latent_dist.mode() * scale)
     return torch.cat(out)
 
 
@@ -583,6 +590,7 @@ def pretrain_unet(spec: BaseSpec, *, device: torch.device | str = "cpu", minutes
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
+    from ip2p.conditioning import tokenize
     from ip2p.training import EMA
 
     training = spec.unet_pretraining
@@ -595,13 +603,12 @@ def pretrain_unet(spec: BaseSpec, *, device: torch.device | str = "cpu", minutes
     cache = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir())
     vae, _ = ensure_vae(spec.vae, spec.vae_training, cache, device=device, progress=progress)
     vae = vae.to(device)
-    tokenizer, text_encoder = _text_components(spec, cache, progress=progress)
+    tokenizer, text_encoder, _ = _text_components(spec, cache, progress=progress)
     text_encoder = text_encoder.to(device)
     latents = _encode_latents(vae, images, device)
     del images
     ids = torch.from_numpy(ids).long().to(device)
-    null_ids = tokenizer([""], padding="max_length", max_length=spec.text_max_length, truncation=True,
-                         return_tensors="pt").input_ids.to(device)
+    null_ids = tokenize(tokenizer, [""]).to(device)
     data_seconds = time.perf_counter() - started
 
     config = scheduler_config(spec)
@@ -782,7 +789,7 @@ def build_base(out_dir: str | os.PathLike, spec: BaseSpec = BaseSpec(), *, cache
             pass
     cache = Path(cache_dir) if cache_dir is not None else out.parent
     vae, header = ensure_vae(spec.vae, spec.vae_training, cache, device=device, progress=progress)
-    tokenizer, text_encoder = _text_components(spec, cache, progress=progress)
+    tokenizer, text_encoder, text_report = _text_components(spec, cache, progress=progress)
     if spec.unet_pretraining is None:
         latent_size = spec.vae.size // 2 ** (len(spec.vae.block_out_channels) - 1)
         unet = make_unet(spec.unet, spec.vae.latent_channels, spec.text_hidden_size, latent_size, seed=spec.seed)
@@ -796,8 +803,8 @@ def build_base(out_dir: str | os.PathLike, spec: BaseSpec = BaseSpec(), *, cache
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     meta["vae_report"] = header["report"]
-    if spec.text_pretraining is not None:
-        meta["text_report"] = ensure_text_encoder(spec, cache, progress=progress)[1]["report"]
+    if text_report is not None:
+        meta["text_report"] = text_report
     meta["params"] = {name: sum(p.numel() for p in module.parameters())
                       for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -835,6 +842,9 @@ def _flags(text: str) -> tuple[bool, ...]:
     return tuple(v == "1" for v in values)
 
 
+_UNET_PRETRAINING_OPTIONS = ("steps", "batch_size", "lr", "scenes", "caption_dropout", "ema_decay")
+
+
 def _add_spec_options(parser: argparse.ArgumentParser) -> None:
     """The base architecture and pretraining options shared by ``build``, ``unet`` and ``text``."""
     unet_defaults, base_defaults, pre = UNetSpec(), BaseSpec(), UNetPretraining()
@@ -850,7 +860,7 @@ def _add_spec_options(parser: argparse.ArgumentParser) -> None:
                         help="transformer layers of the random text encoder (0: embeddings only)")
     parser.add_argument("--noise-shift", type=float, default=base_defaults.noise_shift,
                         help="a shifted cosine noise schedule, log-SNR lowered by 2 ln k (default: SD v1's betas)")
-    for name in ("steps", "batch_size", "lr", "scenes", "caption_dropout", "ema_decay"):
+    for name in _UNET_PRETRAINING_OPTIONS:
         default = getattr(pre, name)
         parser.add_argument(f"--pretrain-{name.replace('_', '-')}", type=type(default), default=default,
                             help=f"UNet pretraining {name} (default {default})")
@@ -869,8 +879,7 @@ def _spec_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, p
         parser.error(f"--unet-attention has {len(attention)} flags; --unet-channels has {levels} levels")
     pretraining = None
     if pretrained:
-        pretraining = UNetPretraining(**{name: getattr(args, f"pretrain_{name}") for name in (
-            "steps", "batch_size", "lr", "scenes", "caption_dropout", "ema_decay")})
+        pretraining = UNetPretraining(**{name: getattr(args, f"pretrain_{name}") for name in _UNET_PRETRAINING_OPTIONS})
     text = None
     if args.pretrained_text:
         text = TextPretraining(**{name: getattr(args, f"text_{name}") for name in

@@ -65,10 +65,6 @@ def pooled_text(text_encoder, ids: torch.Tensor, eos_token_id: int) -> torch.Ten
     return (states * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
 
 
-def _as_images(batch: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
 class _Towers(nn.Module):
     def __init__(self, text_encoder, size: int, dim: int):
         super().__init__()
@@ -85,11 +81,13 @@ class _Towers(nn.Module):
 @torch.no_grad()
 def retrieval_accuracy(towers: _Towers, images: np.ndarray, ids: torch.Tensor, batch_size: int = 256) -> float:
     """Share of captions whose own image is the most similar among the ``batch_size`` images of its batch."""
+    from ip2p.base import to_model_range
+
     towers.eval()
     device = ids.device
     right = 0
     for i in range(0, len(images), batch_size):
-        img, txt = towers.embed(_as_images(images[i:i + batch_size], device), ids[i:i + batch_size])
+        img, txt = towers.embed(to_model_range(images[i:i + batch_size], device), ids[i:i + batch_size])
         right += int(((txt @ img.T).argmax(-1) == torch.arange(len(txt), device=device)).sum())
     towers.train()
     return right / len(images)
@@ -102,7 +100,7 @@ def pretrain_text_encoder(text_encoder, images: np.ndarray, ids: np.ndarray, tra
     CPU, and the held-out retrieval accuracy before and after, the final loss and the times."""
     from tqdm.auto import tqdm
 
-    from ip2p.base import _lr_scale
+    from ip2p.base import _lr_scale, to_model_range
 
     if len(images) <= heldout or len(images) != len(ids):
         raise ValueError(f"need more than {heldout} scenes with one caption each; got {len(images)} images "
@@ -124,7 +122,7 @@ def pretrain_text_encoder(text_encoder, images: np.ndarray, ids: np.ndarray, tra
         for group in optimizer.param_groups:
             group["lr"] = training.lr * _lr_scale(step, training.steps, warmup)
         index = torch.randperm(n, generator=generator)[:training.batch_size]
-        img, txt = towers.embed(_as_images(images[index.numpy()], device), ids[index.to(device)])
+        img, txt = towers.embed(to_model_range(images[index.numpy()], device), ids[index.to(device)])
         logits = towers.logit_scale.exp().clamp(max=100) * txt @ img.T
         labels = torch.arange(len(index), device=device)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2

@@ -135,7 +135,8 @@ class _Oracle(torch.nn.Module):
 def test_caption_report_scores_an_exact_model_as_right():
     vae, _ = base.load_vae(base.VAE_ASSET)
     spec = base.BaseSpec(unet_pretraining=base.UNetPretraining())
-    tokenizer, text_encoder = base._text_components(spec)
+    tokenizer, text_encoder, report = base._text_components(spec)
+    assert report is None  # a random text encoder
     n = 6
     scenes = [synthetic.random_scene(base.CAPTION_EVAL_SEED, i) for i in range(n)]
     images = np.stack([synthetic.render_scene(s) for s in scenes])
