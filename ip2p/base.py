@@ -91,6 +91,13 @@ class UNetSpec:
     attention: tuple[bool, ...] = (False, True, True)
     attention_heads: int = 4
     norm_num_groups: int = 16
+    pooled_text: bool = False
+    """Also add the attention-pooled instruction to the timestep embedding (diffusers' ``addition_embed_type="text"``),
+    so every ResNet block sees it; SD has cross-attention only. With it the UNet learns to use the colour word of
+    background recolours within a hundred steps where cross-attention alone shows nothing (docs/demo.md, 2e)."""
+    scale_shift: bool = False
+    """Timestep (and pooled-text) conditioning as a per-channel scale and shift of the ResNets' normalised features
+    (``resnet_time_scale_shift="scale_shift"``, LDM's ``use_scale_shift_norm``) instead of SD's added bias."""
 
 
 @dataclass(frozen=True)
@@ -418,6 +425,9 @@ def make_unet(spec: UNetSpec, latent_channels: int, cross_attention_dim: int, sa
     if bad:
         raise ValueError(f"unet block_out_channels={spec.block_out_channels}: {bad} not divisible by "
                          f"norm_num_groups={spec.norm_num_groups}; use multiples of {spec.norm_num_groups}")
+    if spec.pooled_text and cross_attention_dim % spec.attention_heads:
+        raise ValueError(f"unet pooled_text pools the {cross_attention_dim}-wide text embeddings with "
+                         f"attention_heads={spec.attention_heads} heads; make the text width a multiple of it")
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=sample_size,
@@ -431,6 +441,9 @@ def make_unet(spec: UNetSpec, latent_channels: int, cross_attention_dim: int, sa
         # diffusers reads attention_head_dim as the number of heads (its documented naming slip)
         attention_head_dim=spec.attention_heads,
         norm_num_groups=spec.norm_num_groups,
+        resnet_time_scale_shift="scale_shift" if spec.scale_shift else "default",
+        **({"addition_embed_type": "text", "addition_embed_type_num_heads": spec.attention_heads}
+           if spec.pooled_text else {}),
     )
 
 
@@ -854,6 +867,12 @@ def _add_spec_options(parser: argparse.ArgumentParser) -> None:
                         help="UNet layers per block")
     parser.add_argument("--unet-attention", type=_flags, default=None,
                         help="cross-attention per UNet level, comma-separated 0/1 (default: all but the first)")
+    parser.add_argument("--pooled-text", action="store_true",
+                        help="also add the attention-pooled instruction to the UNet's timestep embedding (default: "
+                             "cross-attention only, as SD)")
+    parser.add_argument("--scale-shift", action="store_true",
+                        help="timestep conditioning as a scale and shift of the ResNets' features (default: an "
+                             "added bias, as SD)")
     parser.add_argument("--text-hidden-size", type=int, default=base_defaults.text_hidden_size,
                         help="width of the random text encoder (and the UNet's cross_attention_dim)")
     parser.add_argument("--text-layers", type=int, default=base_defaults.text_layers,
@@ -885,7 +904,7 @@ def _spec_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, p
         text = TextPretraining(**{name: getattr(args, f"text_{name}") for name in
                                   dataclasses.asdict(TextPretraining())})
     return BaseSpec(unet=UNetSpec(block_out_channels=args.unet_channels, layers_per_block=args.unet_layers,
-                                  attention=attention),
+                                  attention=attention, pooled_text=args.pooled_text, scale_shift=args.scale_shift),
                     text_hidden_size=args.text_hidden_size, text_layers=args.text_layers,
                     noise_shift=args.noise_shift, unet_pretraining=pretraining, text_pretraining=text)
 

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_LDM = "ldm"
 UNET_PREFIX = "model.diffusion_model."
+TEXT_POOL = "add_embedding"  # a UNet with addition_embed_type="text" keeps this module's keys under UNET_PREFIX
 VAE_PREFIX = "first_stage_model."
 # SD 1.x keeps the Hugging Face CLIP module names; SD 2.x stores OpenCLIP's own names.
 CLIP_PREFIX = "cond_stage_model.transformer."
@@ -194,7 +195,7 @@ _UNET_MID = "UNetMidBlock2DCrossAttn"
 _LDM_UNET_DEFAULTS = {"flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "norm_num_groups": 32,
                       "center_input_sample": False, "resnet_time_scale_shift": "default", "downsample_padding": 1,
                       "only_cross_attention": False, "dual_cross_attention": False, "conv_in_kernel": 3,
-                      "conv_out_kernel": 3}
+                      "conv_out_kernel": 3, "addition_embed_type": None}
 _LDM_VAE_DEFAULTS = {"act_fn": "silu", "norm_num_groups": 32}
 
 
@@ -212,6 +213,8 @@ def _unet_rules(config: Any) -> list[_Rule]:
     problems += [f"up block {t!r}" for t in up if t not in _UNET_UP]
     if config.mid_block_type != _UNET_MID:
         problems.append(f"mid block {config.mid_block_type!r}")
+    if config.addition_embed_type not in (None, "text"):
+        problems.append(f"addition_embed_type={config.addition_embed_type!r}")
     if not isinstance(layers, int):
         problems.append(f"per-level layers_per_block={list(layers)}")
     if len(down) != levels or len(up) != levels:
@@ -221,6 +224,9 @@ def _unet_rules(config: Any) -> list[_Rule]:
 
     rules = [_Rule("time_embedding.linear_1.", "time_embed.0."), _Rule("time_embedding.linear_2.", "time_embed.2."),
              _Rule("conv_in.", "input_blocks.0.0."), _Rule("conv_norm_out.", "out.0."), _Rule("conv_out.", "out.2.")]
+    if config.addition_embed_type == "text":
+        # LDM has no pooled-text embedding; it keeps its diffusers name, and load_single_file puts it back.
+        rules.append(_Rule(f"{TEXT_POOL}.", f"{TEXT_POOL}."))
     block = 1
     for level, kind in enumerate(down):
         for j in range(layers):
@@ -425,9 +431,13 @@ def load_single_file(path: str | os.PathLike, *, config_dir: str | None = None, 
     try:
         # diffusers takes in_channels from the config folder; the file knows better (4-channel SD folder, 8-channel
         # editor), and from_single_file forwards config overrides given as keyword arguments.
+        pooled = UNet2DConditionModel.load_config(source, subfolder="unet", local_files_only=local_only).get(
+            "addition_embed_type") == "text"
+        # diffusers' converter skips the pooled-text module; built on the meta device it would stay empty.
         loaded["unet"] = UNet2DConditionModel.from_single_file(
             checkpoint, config=source, subfolder="unet", in_channels=in_channels, torch_dtype=torch_dtype,
-            local_files_only=local_only, extract_ema=extract_ema)
+            local_files_only=local_only, extract_ema=extract_ema, **({"low_cpu_mem_usage": False} if pooled else {}))
+        _load_text_pool(loaded["unet"], checkpoint)
         loaded["vae"] = AutoencoderKL.from_single_file(
             checkpoint, config=source, subfolder="vae", torch_dtype=torch_dtype, local_files_only=local_only)
         loaded["text_encoder"] = _load_text_encoder(checkpoint, source, torch_dtype, local_only)
@@ -569,6 +579,18 @@ def _load_tokenizer_and_scheduler(source: str, local_only: bool) -> tuple[Any, A
     sched_config = diffusers.DDPMScheduler.load_config(source, subfolder="scheduler", local_files_only=local_only)
     sched_cls = getattr(diffusers, sched_config.get("_class_name", "PNDMScheduler"), diffusers.PNDMScheduler)
     return tokenizer, sched_cls.from_config(sched_config)
+
+
+def _load_text_pool(unet: torch.nn.Module, checkpoint: dict[str, torch.Tensor]) -> None:
+    """Fill a pooled-text UNet's ``add_embedding`` (no LDM counterpart, so diffusers' converter skips it).
+
+    Its weights are the ones :func:`save_single_file` wrote; such files hold no EMA copies."""
+    if unet.config.addition_embed_type != "text":
+        return
+    prefix = UNET_PREFIX + TEXT_POOL + "."
+    dtype = unet.conv_in.weight.dtype
+    state = {k[len(prefix):]: v.to(dtype) for k, v in checkpoint.items() if k.startswith(prefix)}
+    unet.add_embedding.load_state_dict(state, strict=True)
 
 
 def _check_materialised(model: torch.nn.Module, name: str, path: Path) -> None:

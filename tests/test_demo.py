@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from diffusers import StableDiffusionInstructPix2PixPipeline
 
 from ip2p import base, demo
@@ -76,6 +77,24 @@ def test_build_base_is_cached_and_checked(tmp_path):
         base.make_unet(base.UNetSpec(block_out_channels=(32, 64), attention=(True,)), 16, 32, 16)
 
 
+def test_base_unet_adds_the_pooled_instruction_to_the_timestep_embedding():
+    small = dict(block_out_channels=(32, 32), layers_per_block=1, attention=(False, True))
+    unet = base.make_unet(base.UNetSpec(**small, pooled_text=True, scale_shift=True), 16, 32, 16)
+    assert unet.config.addition_embed_type == "text" and unet.config.resnet_time_scale_shift == "scale_shift"
+    # The pooled path alone carries the instruction to the attention-free first level: its features change with it.
+    x, t = torch.randn(1, 16, 16, 16), torch.tensor([999])
+    seen = []
+    unet.down_blocks[0].register_forward_hook(lambda module, args, out: seen.append(out[0]))
+    with torch.no_grad():
+        for text in (torch.zeros(1, 6, 32), torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(0))):
+            unet(x, t, text)
+    assert (seen[0] - seen[1]).abs().max() > 1e-3
+    plain = base.make_unet(base.UNetSpec(**small), 16, 32, 16)  # SD's conditioning, the default
+    assert plain.config.addition_embed_type is None and plain.config.resnet_time_scale_shift == "default"
+    with pytest.raises(ValueError, match="multiple of it"):
+        base.make_unet(base.UNetSpec(**small, attention_heads=3, pooled_text=True), 16, 32, 16)
+
+
 def test_shifted_cosine_schedule_lowers_log_snr_by_2_ln_shift(tmp_path):
     import numpy as np
     from diffusers import DDPMScheduler
@@ -101,9 +120,10 @@ def test_shifted_cosine_schedule_lowers_log_snr_by_2_ln_shift(tmp_path):
 def test_base_build_cli_options(tmp_path, capsys):
     out = tmp_path / "base"
     assert base.main(["build", str(out), "--unet-channels", "32,32", "--unet-layers", "1", "--unet-attention", "0,1",
-                      "--text-hidden-size", "48", "--text-layers", "0", "--noise-shift", "8"]) == 0
+                      "--text-hidden-size", "48", "--text-layers", "0", "--noise-shift", "8", "--pooled-text"]) == 0
     spec = base.BaseSpec.from_dict(base.read_base_meta(out)["spec"])
     assert spec.unet.block_out_channels == (32, 32) and spec.unet.attention == (False, True)
+    assert spec.unet.pooled_text and not spec.unet.scale_shift
     assert spec.text_hidden_size == 48 and spec.noise_shift == 8.0 and spec.text_layers == 0
     config = json.loads((out / "unet" / "config.json").read_text())
     assert config["cross_attention_dim"] == 48 and config["block_out_channels"] == [32, 32]

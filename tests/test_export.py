@@ -210,6 +210,32 @@ def test_two_level_layout_maps_from_its_config_and_round_trips(tmp_path, tiny_ed
     assert not any(k.startswith("model.diffusion_model.input_blocks.6.") for k in keys)
 
 
+def test_pooled_text_unet_round_trips_through_the_single_file(tmp_path):
+    """The demo base's UNet (pooled instruction in the timestep embedding, scale-shift ResNets) survives the file."""
+    from ip2p import base
+
+    c = tiny.tiny_components("small", in_channels=8, seed=4)
+    c.unet = base.make_unet(base.UNetSpec(block_out_channels=(32, 32), layers_per_block=1, attention=(False, True),
+                                          pooled_text=True, scale_shift=True), 4, 32, 16, seed=9)
+    c.unet.register_to_config(in_channels=8)
+    c.unet.conv_in = torch.nn.Conv2d(8, 32, 3, padding=1)
+    config_dir = export.save_pipeline_folder(c, tmp_path / "pooled")
+    path = export.save_single_file(c, tmp_path / "pooled.safetensors")
+    keys = set(load_file(path))
+    assert "model.diffusion_model.add_embedding.pool.k_proj.weight" in keys
+    assert "model.diffusion_model.input_blocks.1.0.emb_layers.1.weight" in keys
+    loaded = export.load_single_file(path, config_dir=str(config_dir))
+    assert_same_models(c, loaded)
+    assert loaded["unet"].config.addition_embed_type == "text"
+    x, t, text = torch.randn(1, 8, 16, 16), torch.tensor([500]), torch.randn(1, 5, 32)
+    with torch.no_grad():
+        assert torch.equal(c.unet(x, t, text).sample, loaded["unet"](x, t, text).sample)
+    broken = {k: v for k, v in load_file(path).items() if ".add_embedding." not in k}
+    save_file(broken, tmp_path / "broken.safetensors")
+    with pytest.raises(ValueError, match="lacks .* unet weights.*add_embedding"):
+        export.load_single_file(tmp_path / "broken.safetensors", config_dir=str(config_dir))
+
+
 def test_sd2_style_text_encoder_is_written_in_open_clip_layout(tmp_path):
     c = tiny.tiny_components("sd", in_channels=8, seed=5)
     config = c.text_encoder.config
