@@ -91,6 +91,12 @@ def test_base_unet_adds_the_pooled_instruction_to_the_timestep_embedding():
     assert (seen[0] - seen[1]).abs().max() > 1e-3
     plain = base.make_unet(base.UNetSpec(**small), 16, 32, 16)  # SD's conditioning, the default
     assert plain.config.addition_embed_type is None and plain.config.resnet_time_scale_shift == "default"
+    seen.clear()
+    plain.down_blocks[0].register_forward_hook(lambda module, args, out: seen.append(out[0]))
+    with torch.no_grad():
+        for text in (torch.zeros(1, 6, 32), torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(0))):
+            plain(x, t, text)
+    assert torch.equal(seen[0], seen[1])  # there the text reaches only the levels with cross-attention
     with pytest.raises(ValueError, match="multiple of it"):
         base.make_unet(base.UNetSpec(**small, attention_heads=3, pooled_text=True), 16, 32, 16)
 

@@ -211,7 +211,7 @@ def test_two_level_layout_maps_from_its_config_and_round_trips(tmp_path, tiny_ed
 
 
 def test_pooled_text_unet_round_trips_through_the_single_file(tmp_path):
-    """The demo base's UNet (pooled instruction in the timestep embedding, scale-shift ResNets) survives the file."""
+    """A base UNet with the pooled instruction in its timestep embedding and scale-shift ResNets survives the file."""
     from ip2p import base
 
     c = tiny.tiny_components("small", in_channels=8, seed=4)
