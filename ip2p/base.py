@@ -485,6 +485,13 @@ def _words(spec: BaseSpec) -> list[str]:
     return vocabulary(captions=captions) if spec.text_words else []
 
 
+def _tokenizer(spec: BaseSpec):
+    """The base's tokenizer: whole-word tokens for :func:`_words`, characters otherwise."""
+    from ip2p import tiny
+
+    return tiny.tiny_tokenizer(_words(spec), max_length=spec.text_max_length)
+
+
 def _random_text_encoder(spec: BaseSpec, vocab_size: int):
     """The seeded random tiny CLIP text model of ``spec`` (the starting point of a pretrained one too)."""
     from ip2p import tiny
@@ -496,9 +503,7 @@ def _random_text_encoder(spec: BaseSpec, vocab_size: int):
 def _text_components(spec: BaseSpec, cache_dir: str | os.PathLike | None = None, *, progress: bool = True):
     """The base's tokenizer, frozen text encoder (eval mode) and the text encoder's training report: random (report
     None), or :func:`ensure_text_encoder`'s."""
-    from ip2p import tiny
-
-    tokenizer = tiny.tiny_tokenizer(_words(spec), max_length=spec.text_max_length)
+    tokenizer = _tokenizer(spec)
     if spec.text_pretraining is not None:
         text_encoder, header = ensure_text_encoder(
             spec, cache_dir if cache_dir is not None else tempfile.gettempdir(), progress=progress)
@@ -518,7 +523,7 @@ def ensure_text_encoder(spec: BaseSpec, cache_dir: str | os.PathLike, *, progres
     """The text encoder of ``spec.text_pretraining``: the shipped asset if it matches :func:`text_key`, else
     ``cache_dir/text-<digest>.safetensors``, else a new :func:`ip2p.scene_clip.pretrain_text_encoder` run (minutes on
     a CPU), cached there. Returns ``(text_encoder, header)``."""
-    from ip2p import scene_clip, tiny
+    from ip2p import scene_clip
 
     key = text_key(spec)
     if scene_clip.matches(TEXT_ASSET, key):
@@ -529,7 +534,7 @@ def ensure_text_encoder(spec: BaseSpec, cache_dir: str | os.PathLike, *, progres
     training = spec.text_pretraining
     logger.info("no pretrained text encoder for this spec in %s or %s; training one (%d steps)", TEXT_ASSET, cached,
                 training.steps)
-    text_encoder = _random_text_encoder(spec, len(tiny.tiny_tokenizer(_words(spec), max_length=spec.text_max_length)))
+    text_encoder = _random_text_encoder(spec, len(_tokenizer(spec)))
     images, ids = captioned_scenes(training.scenes, scene_clip.TEXT_SEED_BASE + training.seed, spec,
                                    progress=progress)
     text_encoder, report = scene_clip.pretrain_text_encoder(text_encoder, images, ids, training, progress=progress)
@@ -856,11 +861,27 @@ def _flags(text: str) -> tuple[bool, ...]:
 
 
 _UNET_PRETRAINING_OPTIONS = ("steps", "batch_size", "lr", "scenes", "caption_dropout", "ema_decay")
+_VAE_TRAINING_OPTIONS = ("steps", "batch_size", "lr", "kl_weight", "seed")
+_TEXT_PRETRAINING_OPTIONS = tuple(f.name for f in dataclasses.fields(TextPretraining))
+
+
+def _add_field_options(parser: argparse.ArgumentParser, defaults: Any, names: Sequence[str], prefix: str,
+                       what: str) -> None:
+    """``--<prefix><name>`` for each dataclass field in ``names``, typed and defaulted from ``defaults``."""
+    for name in names:
+        default = getattr(defaults, name)
+        parser.add_argument(f"--{prefix}{name.replace('_', '-')}", type=type(default), default=default,
+                            help=f"{what} {name} (default {default})")
+
+
+def _fields_from_args(cls: type, args: argparse.Namespace, names: Sequence[str], prefix: str) -> Any:
+    """``cls`` with the fields in ``names`` read from the options :func:`_add_field_options` added."""
+    return cls(**{name: getattr(args, prefix.replace("-", "_") + name) for name in names})
 
 
 def _add_spec_options(parser: argparse.ArgumentParser) -> None:
     """The base architecture and pretraining options shared by ``build``, ``unet`` and ``text``."""
-    unet_defaults, base_defaults, pre = UNetSpec(), BaseSpec(), UNetPretraining()
+    unet_defaults, base_defaults = UNetSpec(), BaseSpec()
     parser.add_argument("--unet-channels", type=_ints, default=unet_defaults.block_out_channels,
                         help="UNet block_out_channels, comma-separated")
     parser.add_argument("--unet-layers", type=int, default=unet_defaults.layers_per_block,
@@ -879,16 +900,11 @@ def _add_spec_options(parser: argparse.ArgumentParser) -> None:
                         help="transformer layers of the random text encoder (0: embeddings only)")
     parser.add_argument("--noise-shift", type=float, default=base_defaults.noise_shift,
                         help="a shifted cosine noise schedule, log-SNR lowered by 2 ln k (default: SD v1's betas)")
-    for name in _UNET_PRETRAINING_OPTIONS:
-        default = getattr(pre, name)
-        parser.add_argument(f"--pretrain-{name.replace('_', '-')}", type=type(default), default=default,
-                            help=f"UNet pretraining {name} (default {default})")
+    _add_field_options(parser, UNetPretraining(), _UNET_PRETRAINING_OPTIONS, "pretrain-", "UNet pretraining")
     parser.add_argument("--pretrained-text", action="store_true",
                         help="a text encoder trained as a tiny CLIP's text tower (the shipped asset, or one trained "
                              "and cached now, minutes on a CPU) instead of a random one")
-    for name, default in dataclasses.asdict(TextPretraining()).items():
-        parser.add_argument(f"--text-{name.replace('_', '-')}", type=type(default), default=default,
-                            help=f"text encoder pretraining {name} (default {default})")
+    _add_field_options(parser, TextPretraining(), _TEXT_PRETRAINING_OPTIONS, "text-", "text encoder pretraining")
 
 
 def _spec_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, pretrained: bool) -> BaseSpec:
@@ -896,13 +912,10 @@ def _spec_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, p
     attention = args.unet_attention if args.unet_attention is not None else (False,) + (True,) * (levels - 1)
     if len(attention) != levels:
         parser.error(f"--unet-attention has {len(attention)} flags; --unet-channels has {levels} levels")
-    pretraining = None
-    if pretrained:
-        pretraining = UNetPretraining(**{name: getattr(args, f"pretrain_{name}") for name in _UNET_PRETRAINING_OPTIONS})
-    text = None
-    if args.pretrained_text:
-        text = TextPretraining(**{name: getattr(args, f"text_{name}") for name in
-                                  dataclasses.asdict(TextPretraining())})
+    pretraining = (_fields_from_args(UNetPretraining, args, _UNET_PRETRAINING_OPTIONS, "pretrain-") if pretrained
+                   else None)
+    text = (_fields_from_args(TextPretraining, args, _TEXT_PRETRAINING_OPTIONS, "text-") if args.pretrained_text
+            else None)
     return BaseSpec(unet=UNetSpec(block_out_channels=args.unet_channels, layers_per_block=args.unet_layers,
                                   attention=attention, pooled_text=args.pooled_text, scale_shift=args.scale_shift),
                     text_hidden_size=args.text_hidden_size, text_layers=args.text_layers,
@@ -920,9 +933,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="block_out_channels, comma-separated (levels - 1 = log2 of the downsampling)")
     vae_p.add_argument("--latent-channels", type=int, default=defaults_spec.latent_channels)
     vae_p.add_argument("--layers-per-block", type=int, default=defaults_spec.layers_per_block)
-    for name in ("steps", "batch_size", "lr", "kl_weight", "seed"):
-        default = getattr(defaults_training, name)
-        vae_p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+    _add_field_options(vae_p, defaults_training, _VAE_TRAINING_OPTIONS, "", "VAE training")
     unet_p = sub.add_parser("unet", help="pretrain the base UNet as a text-to-image model on captioned scenes and "
                                          "write it (default: the asset; wants a GPU)")
     unet_p.add_argument("--out", default=str(UNET_ASSET), help=f"safetensors file to write (default {UNET_ASSET})")
@@ -952,8 +963,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "vae":
         spec = VaeSpec(block_out_channels=args.channels, latent_channels=args.latent_channels,
                        layers_per_block=args.layers_per_block)
-        training = VaeTraining(steps=args.steps, batch_size=args.batch_size, lr=args.lr, kl_weight=args.kl_weight,
-                               seed=args.seed)
+        training = _fields_from_args(VaeTraining, args, _VAE_TRAINING_OPTIONS, "")
         vae, report = train_vae(spec, training, device=args.device)
         path = save_vae(vae, args.out, spec=spec, training=training, report=report)
         logger.info("wrote %s (%.2f MB): %s", path, path.stat().st_size / 1e6, json.dumps(report))
