@@ -14,8 +14,18 @@ from diffusers import StableDiffusionInstructPix2PixPipeline
 from safetensors.torch import load_file
 
 import train
-from ip2p.config import load_config
-from ip2p.training import EMA, Trainer, draw_step, list_checkpoints, per_example_mse, resolve_resume, snr_weights
+from ip2p.config import ConfigError, load_config
+from ip2p.training import (
+    EMA,
+    Trainer,
+    bias_timesteps,
+    draw_step,
+    edit_region_weights,
+    list_checkpoints,
+    per_example_mse,
+    resolve_resume,
+    snr_weights,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,6 +105,60 @@ def test_min_snr_weights_and_loss():
     torch.testing.assert_close(snr_weights(sched, t, 5.0, "v_prediction") * (snr + 1), x0)
     torch.testing.assert_close(w * snr, x0)
     assert per_example_mse(torch.ones(2, 3), torch.zeros(2, 3)).tolist() == [1.0, 1.0]
+
+
+def test_timestep_bias_maps_the_uniform_draw():
+    t = torch.arange(1000)
+    assert torch.equal(bias_timesteps(t, 1000, 1.0), t)
+    b = bias_timesteps(t, 1000, 3.0)
+    assert b.min() <= 3 and b.max() == 999 and bool((b[1:] >= b[:-1]).all())
+    assert (b >= 800).float().mean().item() == pytest.approx(0.2 ** (1 / 3), abs=0.005)  # 58%, not 20%
+    plain = draw_step([5, 9, 11], seed=1, num_timesteps=1000, latent_shape=(4, 2, 2))
+    biased = draw_step([5, 9, 11], seed=1, num_timesteps=1000, latent_shape=(4, 2, 2), timestep_bias=3.0)
+    # Only the timesteps change: noise, dropout and posterior draws are the same stream as with uniform timesteps.
+    assert torch.equal(biased.timesteps, bias_timesteps(plain.timesteps, 1000, 3.0))
+    assert torch.equal(biased.noise, plain.noise) and torch.equal(biased.dropout_r, plain.dropout_r)
+
+
+def test_edit_region_weights_and_the_weighted_mse():
+    source = torch.zeros(1, 4, 2, 2)
+    target = source.clone()
+    target[0, :, 0, 1] = 1.0  # changed by the edit
+    target[0, 0, 1, 1] = 0.1  # a change under the threshold (channel mean 0.0025)
+    w = edit_region_weights(target, source, 9.0, 0.05)
+    assert w.shape == (1, 1, 2, 2) and w.flatten().tolist() == [1.0, 10.0, 1.0, 1.0]
+    pred = torch.zeros_like(target)
+    assert per_example_mse(pred, target).item() == pytest.approx((4 + 0.01) / 16)
+    # Weighted mean over the pixels, normalised by the weights: the changed pixel counts 10 times.
+    assert per_example_mse(pred, target, w).item() == pytest.approx((10 * 4 + 0.01) / (4 * 13))
+    torch.testing.assert_close(per_example_mse(pred, target, torch.ones(1, 1, 2, 2)), per_example_mse(pred, target))
+
+
+def test_edit_weight_reaches_the_loss(tmp_path, data_dir, monkeypatch):
+    import ip2p.training as training
+
+    with pytest.raises(ConfigError, match="edit_weight"):
+        load_config(None, ["train.edit_weight=-1"])
+    with pytest.raises(ConfigError, match="timestep_bias"):
+        load_config(None, ["train.timestep_bias=0"])
+    cfg = load_config(None, overrides(tmp_path / "w", data_dir, "train.edit_weight=4", "train.timestep_bias=2",
+                                      "train.edit_threshold=1e-4"))  # the random tiny VAE's latents change little
+    trainer = Trainer(cfg)
+    batch = next(iter(trainer._batches(0)))
+    seen = {}
+
+    def spy_mse(pred, goal, pixel_weights=None):
+        seen["w"] = pixel_weights
+        return per_example_mse(pred, goal, pixel_weights)
+
+    monkeypatch.setattr(training, "per_example_mse", spy_mse)
+    assert torch.isfinite(trainer.micro_step(batch))
+    w = seen["w"]
+    assert w.shape[1] == 1 and set(w.unique().tolist()) == {1.0, 5.0}  # the test edits change some latent pixels
+    sf = trainer.vae.config.scaling_factor
+    src, mean, _ = trainer._encode_images(batch["source"], batch["target"], batch["record"].tolist(),
+                                          batch["valid"].tolist())
+    torch.testing.assert_close(w, edit_region_weights(mean * sf, src * sf, 4.0, 1e-4))
 
 
 # ---- end to end -------------------------------------------------------------------------------------------------
@@ -183,9 +247,9 @@ def test_sample_prediction_target_is_the_clean_latent(tmp_path, data_dir, monkey
         seen["input"], seen["t"] = sample.detach().clone(), timestep
         return forward(sample, timestep, **kwargs)
 
-    def spy_mse(pred, goal):
+    def spy_mse(pred, goal, pixel_weights=None):
         seen["goal"] = goal.detach().clone()
-        return per_example_mse(pred, goal)
+        return per_example_mse(pred, goal, pixel_weights)
 
     monkeypatch.setattr(trainer.unet, "forward", spy_unet)
     monkeypatch.setattr(training, "per_example_mse", spy_mse)
@@ -240,7 +304,8 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, data_dir):
 
 
 def _env():
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    # The child must compute with this process's thread count, or a resumed run differs in the last bits.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(torch.get_num_threads()))
     env.pop("WORLD_SIZE", None)
     return env
 
