@@ -1,5 +1,5 @@
 """The built-in edit task end to end (`python -m ip2p.demo --quick`) and its base model (ip2p.base)."""
-
+import dataclasses
 import json
 
 import pytest
@@ -64,6 +64,24 @@ def test_shipped_vae_matches_the_default_spec():
     assert base._vae_matches(base.VAE_ASSET, base.VaeSpec(), base.VaeTraining())
     assert header["report"]["psnr"] > 35 and header["report"]["oracle_success"] == 1.0
     assert abs(vae.config.scaling_factor * header["report"]["latent_std"] - 1) < 1e-6
+
+
+def test_vae_command_writes_the_given_spec_and_training(tmp_path):
+    out = tmp_path / "vae.safetensors"
+    assert base.main(["vae", "--out", str(out), "--channels", "16,16", "--latent-channels", "4",
+                      "--layers-per-block", "1", "--steps", "3", "--batch-size", "4", "--lr", "5e-4",
+                      "--seed", "7"]) == 0
+    vae, header = base.load_vae(out)
+    assert header["spec"] == {**dataclasses.asdict(base.VaeSpec()), "block_out_channels": [16, 16],
+                              "latent_channels": 4, "layers_per_block": 1}
+    assert header["training"] == {**dataclasses.asdict(base.VaeTraining()), "steps": 3, "batch_size": 4, "lr": 5e-4,
+                                  "seed": 7}
+    assert vae.config.latent_channels == 4 and list(vae.config.block_out_channels) == [16, 16]
+    assert header["report"]["images"] > 0 and "psnr" in header["report"]
+    # The file is found again only for exactly these settings.
+    spec = base.VaeSpec(block_out_channels=(16, 16), latent_channels=4, layers_per_block=1)
+    assert base._vae_matches(out, spec, base.VaeTraining(steps=3, batch_size=4, lr=5e-4, seed=7))
+    assert not base._vae_matches(out, spec, base.VaeTraining(steps=4, batch_size=4, lr=5e-4, seed=7))
 
 
 def test_build_base_is_cached_and_checked(tmp_path):
