@@ -879,8 +879,8 @@ def _fields_from_args(cls: type, args: argparse.Namespace, names: Sequence[str],
     return cls(**{name: getattr(args, prefix.replace("-", "_") + name) for name in names})
 
 
-def _add_spec_options(parser: argparse.ArgumentParser) -> None:
-    """The base architecture and pretraining options shared by ``build``, ``unet`` and ``text``."""
+def _add_unet_options(parser: argparse.ArgumentParser) -> None:
+    """The UNet, noise schedule and UNet pretraining options of ``build`` and ``unet``."""
     unet_defaults, base_defaults = UNetSpec(), BaseSpec()
     parser.add_argument("--unet-channels", type=_ints, default=unet_defaults.block_out_channels,
                         help="UNet block_out_channels, comma-separated")
@@ -894,32 +894,43 @@ def _add_spec_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale-shift", action="store_true",
                         help="timestep conditioning as a scale and shift of the ResNets' features (default: an "
                              "added bias, as SD)")
-    parser.add_argument("--text-hidden-size", type=int, default=base_defaults.text_hidden_size,
-                        help="width of the random text encoder (and the UNet's cross_attention_dim)")
-    parser.add_argument("--text-layers", type=int, default=base_defaults.text_layers,
-                        help="transformer layers of the random text encoder (0: embeddings only)")
     parser.add_argument("--noise-shift", type=float, default=base_defaults.noise_shift,
                         help="a shifted cosine noise schedule, log-SNR lowered by 2 ln k (default: SD v1's betas)")
     _add_field_options(parser, UNetPretraining(), _UNET_PRETRAINING_OPTIONS, "pretrain-", "UNet pretraining")
-    parser.add_argument("--pretrained-text", action="store_true",
-                        help="a text encoder trained as a tiny CLIP's text tower (the shipped asset, or one trained "
-                             "and cached now, minutes on a CPU) instead of a random one")
+
+
+def _add_text_options(parser: argparse.ArgumentParser, *, choose: bool) -> None:
+    """The text encoder's options; ``choose`` adds ``--pretrained-text`` (the ``text`` command always pretrains)."""
+    base_defaults = BaseSpec()
+    parser.add_argument("--text-hidden-size", type=int, default=base_defaults.text_hidden_size,
+                        help="width of the text encoder (and the UNet's cross_attention_dim)")
+    parser.add_argument("--text-layers", type=int, default=base_defaults.text_layers,
+                        help="transformer layers of the text encoder (0: embeddings only)")
+    if choose:
+        parser.add_argument("--pretrained-text", action="store_true",
+                            help="a text encoder trained as a tiny CLIP's text tower (the shipped asset, or one "
+                                 "trained and cached now, minutes on a CPU) instead of a random one")
     _add_field_options(parser, TextPretraining(), _TEXT_PRETRAINING_OPTIONS, "text-", "text encoder pretraining")
 
 
 def _spec_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, pretrained: bool) -> BaseSpec:
-    levels = len(args.unet_channels)
-    attention = args.unet_attention if args.unet_attention is not None else (False,) + (True,) * (levels - 1)
-    if len(attention) != levels:
-        parser.error(f"--unet-attention has {len(attention)} flags; --unet-channels has {levels} levels")
+    """The :class:`BaseSpec` of the parsed options; a command without the UNet options gets the default UNet."""
+    if not hasattr(args, "unet_channels"):
+        unet, noise_shift = UNetSpec(), BaseSpec().noise_shift
+    else:
+        levels = len(args.unet_channels)
+        attention = args.unet_attention if args.unet_attention is not None else (False,) + (True,) * (levels - 1)
+        if len(attention) != levels:
+            parser.error(f"--unet-attention has {len(attention)} flags; --unet-channels has {levels} levels")
+        unet = UNetSpec(block_out_channels=args.unet_channels, layers_per_block=args.unet_layers,
+                        attention=attention, pooled_text=args.pooled_text, scale_shift=args.scale_shift)
+        noise_shift = args.noise_shift
     pretraining = (_fields_from_args(UNetPretraining, args, _UNET_PRETRAINING_OPTIONS, "pretrain-") if pretrained
                    else None)
-    text = (_fields_from_args(TextPretraining, args, _TEXT_PRETRAINING_OPTIONS, "text-") if args.pretrained_text
-            else None)
-    return BaseSpec(unet=UNetSpec(block_out_channels=args.unet_channels, layers_per_block=args.unet_layers,
-                                  attention=attention, pooled_text=args.pooled_text, scale_shift=args.scale_shift),
-                    text_hidden_size=args.text_hidden_size, text_layers=args.text_layers,
-                    noise_shift=args.noise_shift, unet_pretraining=pretraining, text_pretraining=text)
+    text = (_fields_from_args(TextPretraining, args, _TEXT_PRETRAINING_OPTIONS, "text-")
+            if getattr(args, "pretrained_text", True) else None)
+    return BaseSpec(unet=unet, text_hidden_size=args.text_hidden_size, text_layers=args.text_layers,
+                    noise_shift=noise_shift, unet_pretraining=pretraining, text_pretraining=text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -937,7 +948,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     unet_p = sub.add_parser("unet", help="pretrain the base UNet as a text-to-image model on captioned scenes and "
                                          "write it (default: the asset; wants a GPU)")
     unet_p.add_argument("--out", default=str(UNET_ASSET), help=f"safetensors file to write (default {UNET_ASSET})")
-    _add_spec_options(unet_p)
+    _add_unet_options(unet_p)
+    _add_text_options(unet_p, choose=True)
     unet_p.add_argument("--minutes", type=float, default=None,
                         help="fit the number of steps (at most --pretrain-steps) to this many minutes of training")
     unet_p.add_argument("--workers", type=int, default=None, help="processes drawing scenes (default: CPU cores)")
@@ -945,7 +957,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text_p = sub.add_parser("text", help="train the base text encoder as a tiny CLIP's text tower on captioned "
                                          "scenes and write it (default: the asset)")
     text_p.add_argument("--out", default=str(TEXT_ASSET), help=f"safetensors file to write (default {TEXT_ASSET})")
-    _add_spec_options(text_p)
+    _add_text_options(text_p, choose=False)
     for p in (vae_p, unet_p):
         p.add_argument("--device", default="cpu", help="torch device to train on (default cpu)")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -955,7 +967,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     build_p.add_argument("--pretrained-unet", action="store_true",
                          help="a UNet pretrained as text-to-image (the shipped asset, or one from `unet`, found in "
                               "OUT's parent as unet-<digest>.safetensors) instead of a random one")
-    _add_spec_options(build_p)
+    _add_unet_options(build_p)
+    _add_text_options(build_p, choose=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if getattr(args, "threads", None):
@@ -968,13 +981,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = save_vae(vae, args.out, spec=spec, training=training, report=report)
         logger.info("wrote %s (%.2f MB): %s", path, path.stat().st_size / 1e6, json.dumps(report))
     elif args.command == "text":
-        args.pretrained_text = True
+        from ip2p import scene_clip
+
         spec = _spec_from_args(parser, args, pretrained=False)
+        if scene_clip.matches(Path(args.out), text_key(spec)):
+            logger.info("%s already holds the text encoder of these settings; nothing to do", args.out)
+            return 0
         with tempfile.TemporaryDirectory() as tmp:
             text_encoder, header = ensure_text_encoder(spec, tmp)
-            from ip2p.scene_clip import save_text_encoder
-
-            path = save_text_encoder(text_encoder, args.out, key=header["key"], report=header["report"])
+            path = scene_clip.save_text_encoder(text_encoder, args.out, key=header["key"], report=header["report"])
         logger.info("wrote %s (%.2f MB): %s", path, path.stat().st_size / 1e6, json.dumps(header["report"]))
     elif args.command == "unet":
         spec = _spec_from_args(parser, args, pretrained=True)

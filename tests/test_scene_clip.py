@@ -88,3 +88,8 @@ def test_text_cli_writes_a_file_that_build_finds(tmp_path):
     assert header["report"]["heldout_scenes"] == scene_clip.HELDOUT_SCENES and header["report"]["steps"] == 3
     with pytest.raises(SystemExit):  # bad options are one parser error, as for the other commands
         base.main(["text", "--out", str(out), "--text-steps", "many"])
+    stamp = out.stat().st_mtime_ns
+    assert base.main(["text", "--out", str(out), *options]) == 0  # already there: not trained or written again
+    assert out.stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit):  # the UNet's options are not the text encoder's
+        base.main(["text", "--out", str(out), "--unet-channels", "32,64", *options])
