@@ -914,7 +914,8 @@ def _add_text_options(parser: argparse.ArgumentParser, *, choose: bool) -> None:
 
 
 def _spec_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, pretrained: bool) -> BaseSpec:
-    """The :class:`BaseSpec` of the parsed options; a command without the UNet options gets the default UNet."""
+    """The :class:`BaseSpec` of the parsed options. A command without the UNet options (``text``) gets the default
+    UNet, and one without ``--pretrained-text`` always pretrains the text encoder."""
     if not hasattr(args, "unet_channels"):
         unet, noise_shift = UNetSpec(), BaseSpec().noise_shift
     else:

@@ -289,9 +289,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.lr={cfg.train.lr} must be positive")
     if cfg.train.timestep_bias <= 0:
         raise ConfigError(f"train.timestep_bias={cfg.train.timestep_bias} must be positive (1: uniform timesteps)")
-    if cfg.train.edit_weight < 0 or cfg.train.edit_threshold <= 0:
-        raise ConfigError(f"train.edit_weight={cfg.train.edit_weight} must be >= 0 and train.edit_threshold="
-                          f"{cfg.train.edit_threshold} positive")
+    if cfg.train.edit_weight < 0:
+        raise ConfigError(f"train.edit_weight={cfg.train.edit_weight} must be >= 0 (0: the plain mean)")
+    if cfg.train.edit_threshold <= 0:
+        raise ConfigError(f"train.edit_threshold={cfg.train.edit_threshold} must be positive")
     lo_hi = cfg.data.random_resize
     if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1] or lo_hi[0] < cfg.data.resolution:
         raise ConfigError(f"data.random_resize={lo_hi} must be [lo, hi] with data.resolution "

@@ -139,6 +139,8 @@ def test_edit_weight_reaches_the_loss(tmp_path, data_dir, monkeypatch):
 
     with pytest.raises(ConfigError, match="edit_weight"):
         load_config(None, ["train.edit_weight=-1"])
+    with pytest.raises(ConfigError, match=r"train\.edit_threshold=0(\.0)? must be positive"):
+        load_config(None, ["train.edit_threshold=0"])
     with pytest.raises(ConfigError, match="timestep_bias"):
         load_config(None, ["train.timestep_bias=0"])
     cfg = load_config(None, overrides(tmp_path / "w", data_dir, "train.edit_weight=4", "train.timestep_bias=2",
