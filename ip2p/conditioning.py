@@ -7,27 +7,32 @@ import torch
 DROPOUT_P = 0.05
 
 
-def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    """Token ids padded/truncated to the tokenizer's max length (77 for CLIP). Returns (B, L) int64."""
+def _tokenize(tokenizer, prompts: list[str]):
     return tokenizer(
         list(prompts),
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
-    ).input_ids
+    )
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids padded/truncated to the tokenizer's max length (77 for CLIP). Returns (B, L) int64."""
+    return _tokenize(tokenizer, prompts).input_ids
 
 
 @torch.no_grad()
 def encode_text(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
     """CLIP last hidden state for each prompt, as Stable Diffusion conditions on it. Returns (B, L, D)."""
     device = text_encoder.device
-    ids = tokenize(tokenizer, prompts).to(device)
+    tokens = _tokenize(tokenizer, prompts)
     mask = None
-    # Some SD text encoders (e.g. converted ones) were trained with an attention mask; diffusers honours this flag.
+    # Some SD text encoders (e.g. converted ones) were trained with an attention mask; diffusers honours this flag with
+    # the tokenizer's own mask, which keeps the end-of-text token even where the padding token is the same one (CLIP).
     if getattr(text_encoder.config, "use_attention_mask", False):
-        mask = (ids != tokenizer.pad_token_id).long()
-    return text_encoder(ids, attention_mask=mask)[0]
+        mask = tokens.attention_mask.to(device)
+    return text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
 
 
 def vae_scaling_factor(vae) -> float:

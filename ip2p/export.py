@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +61,9 @@ def save_pipeline_folder(components: Any, out_dir: str | os.PathLike, *,
     _check_replaceable_folder(out)
     meta_json = json.dumps(_ip2p_meta(components, ip2p_metadata), indent=2, sort_keys=True, default=_json_default)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # mkdir honours the umask (tempfile.mkdtemp would leave the published folder readable by its owner only).
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
     try:
         pipe = StableDiffusionInstructPix2PixPipeline(
             vae=_plain(components.vae), text_encoder=_plain(components.text_encoder), tokenizer=components.tokenizer,
@@ -71,6 +72,7 @@ def save_pipeline_folder(components: Any, out_dir: str | os.PathLike, *,
         )
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / IP2P_META_FILE).write_text(meta_json)
+        _chmod_files(tmp, (tmp / IP2P_META_FILE).stat().st_mode & 0o777)  # the umask's mode, as our own file got
         _fsync_tree(tmp)
         _swap_in_folder(tmp, out)
     except BaseException:
@@ -142,11 +144,13 @@ def save_single_file(components: Any, path: str | os.PathLike, *, ip2p_metadata:
         "ip2p_config": json.dumps(meta["ip2p_config"], sort_keys=True, default=_json_default),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    # os.open with 0o666 honours the umask, unlike tempfile.mkstemp's 0o600: other users and tools can read the file.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = tmp.stat().st_mode & 0o777
     try:
         save_file(tensors, tmp, metadata=header)
+        os.chmod(tmp, mode)  # safetensors replaces the file with an owner-only one
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -426,7 +430,13 @@ def load_single_file(path: str | os.PathLike, *, config_dir: str | None = None, 
         raise ValueError(f"extract_ema=True but {path} holds no EMA weights (model_ema.*); load it without the flag")
     if has_ema and not extract_ema:
         logger.info("%s also holds EMA UNet weights; loading the raw ones (extract_ema=True loads the EMA ones)", path)
-    _check_keys_present(checkpoint, path, source, in_channels, local_only)
+    try:
+        _check_keys_present(checkpoint, path, source, in_channels, local_only)
+    except OSError as e:  # the first read of the config: a hub id that cannot be reached or lacks it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"could not read the architecture of {path} from {source!r} ({first}); pass "
+                                "--config-dir, a local diffusers folder of the model family the file was trained "
+                                "from") from e
     loaded: dict[str, Any] = {}
     try:
         # diffusers takes in_channels from the config folder; the file knows better (4-channel SD folder, 8-channel
@@ -650,6 +660,14 @@ def _json_default(value: Any) -> Any:
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def _chmod_files(folder: Path, mode: int) -> None:
+    """Give every file under ``folder`` ``mode``: safetensors writes weights owner-only (0o600), which would keep other
+    users and tools (a shared ComfyUI server, a container) from reading the checkpoint."""
+    for p in folder.rglob("*"):
+        if p.is_file():
+            os.chmod(p, mode)
 
 
 def _fsync_tree(folder: Path) -> None:

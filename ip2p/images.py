@@ -211,18 +211,25 @@ def target_size(width: int, height: int, resolution: int = 512, multiple: int = 
     return snap(width), snap(height)
 
 
-def resize_for_model(image: Image.Image, resolution: int = 512, multiple: int = 8) -> Image.Image:
+def resize_for_model(image: Image.Image, resolution: int = 512, multiple: int = 8, *,
+                     max_pixels: int | None = None) -> Image.Image:
     """Convert to RGB and Lanczos-resize to `target_size`; no resampling when the size already matches.
 
     `resolution=0` keeps the input's size, each side floored to a multiple of `multiple`: what diffusers'
-    pipeline does with an image, so results can be compared with it on any input.
+    pipeline does with an image, so results can be compared with it on any input. A result of more than
+    `max_pixels` pixels is refused before anything is allocated.
     """
-    image = to_rgb(image)
     if resolution == 0:
         multiple = _check_positive_int("multiple", multiple)
         size = (max(multiple, image.width // multiple * multiple), max(multiple, image.height // multiple * multiple))
     else:
         size = target_size(image.width, image.height, resolution, multiple)
+    if max_pixels is not None and size[0] * size[1] > max_pixels:
+        raise ValueError(
+            f"resolution {resolution} makes this {image.width}x{image.height} image {size[0]}x{size[1]} = "
+            f"{size[0] * size[1]} pixels, over the limit of {max_pixels}; lower the resolution or raise max_pixels"
+        )
+    image = to_rgb(image)
     if image.size == size:
         return image
     return image.resize(size, Image.Resampling.LANCZOS)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import secrets
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round both sides to a multiple of this (64 as in the paper's app; default: the VAE's "
                         "downsampling factor, 8 for Stable Diffusion)")
     p.add_argument("--keep-size", action="store_true", help="resize the result back to the input's original size")
-    p.add_argument("--max-pixels", type=int, default=img.DEFAULT_MAX_PIXELS, help="refuse larger input images")
+    p.add_argument("--max-pixels", type=int, default=img.DEFAULT_MAX_PIXELS,
+                   help="refuse larger input images, and a --resolution that would make larger ones")
     p.add_argument("--num-images", type=int, default=1, help="outputs per input and instruction (default: 1)")
     p.add_argument("--sweep", action="store_true",
                    help="render a labelled grid over --sweep-text x --sweep-image (the paper's Fig. 4) instead")
@@ -109,6 +112,8 @@ def parse_scales(text: str, flag: str) -> list[float]:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"{flag}={text!r} must be comma-separated numbers, e.g. 1.0,1.5,2.0") from None
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{flag}={text!r} must hold finite numbers, e.g. 1.0,1.5,2.0")
     if not values:
         raise ValueError(f"{flag} is empty; give comma-separated numbers")
     return values
@@ -122,7 +127,12 @@ def read_instructions(args: argparse.Namespace) -> list[str]:
     path = Path(args.instructions_file)
     if not path.is_file():
         raise FileNotFoundError(f"--instructions-file {path}: no such file")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--instructions-file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as "
+                         "UTF-8 with one instruction per line") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"--instructions-file {path} has no non-empty line")
     return lines
@@ -132,6 +142,7 @@ def plan_jobs(paths: list[Path], instructions: list[str], output: str | None, nu
               ) -> list[EditJob]:
     """Every image with every instruction; one output file, or a folder when there are several outputs."""
     jobs = [EditJob(p, ins) for p in paths for ins in instructions]
+    names = _output_names(paths)
     single = len(jobs) == 1 and (num_images == 1 or sweep)
     if single:
         out = Path(output or ("sweep.png" if sweep else "edited.png"))
@@ -144,10 +155,37 @@ def plan_jobs(paths: list[Path], instructions: list[str], output: str | None, nu
         raise ValueError(f"--output {folder} is a file name, but this run writes {len(jobs) * num_images} images; "
                          "give a folder")
     for j, job in enumerate(jobs):
-        tag = f"{job.image_path.stem}_{j % len(instructions):03d}"
+        tag = f"{names[j // len(instructions)]}_{j % len(instructions):03d}"
         job.outputs = ([folder / f"{tag}_sweep.png"] if sweep
                        else [folder / f"{tag}_{k}.png" for k in range(num_images)])
     return jobs
+
+
+def _output_names(paths: list[Path]) -> list[str]:
+    """One output name per input: its stem, numbered where stems repeat (a.png and a.jpg, or x/1.png and y/1.png),
+    so no output overwrites another."""
+    counts = Counter(p.stem for p in paths)
+    taken = set(counts)
+    names = []
+    for p in paths:
+        name, k = p.stem, 1
+        if counts[p.stem] > 1:
+            while f"{p.stem}-{k}" in taken:
+                k += 1
+            name = f"{p.stem}-{k}"
+            taken.add(name)
+        names.append(name)
+    return names
+
+
+def _make_output_folders(jobs: list[EditJob]) -> None:
+    """Create the output folders now, so an --output that cannot be written fails before the model loads."""
+    for folder in sorted({out.parent for job in jobs for out in job.outputs}):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--output: cannot create the folder {str(folder)!r} ({e.strerror or e}); "
+                             "choose another --output") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,11 +205,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--resolution {args.resolution} must be positive, or 0 to keep the input size")
     if args.num_images < 1:
         raise ValueError(f"--num-images {args.num_images} must be at least 1")
+    for flag, value in (("--text-guidance", args.text_guidance), ("--image-guidance", args.image_guidance)):
+        if not math.isfinite(value):
+            raise ValueError(f"{flag} {value} must be a finite number, e.g. {flag} 1.5")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise ValueError(f"--seed {args.seed} must be between 0 and 2**64 - 1")
     paths = img.expand_image_paths(args.image)
     instructions = read_instructions(args)
     sweep_text = parse_scales(args.sweep_text, "--sweep-text") if args.sweep else []
     sweep_image = parse_scales(args.sweep_image, "--sweep-image") if args.sweep else []
     jobs = plan_jobs(paths, instructions, args.output, args.num_images, args.sweep)
+    _make_output_folders(jobs)
     device = resolve_device(args.device)
     dtype = DTYPES["fp16" if device.type != "cpu" else "fp32"] if args.dtype == "auto" else DTYPES[args.dtype]
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
@@ -194,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     progress = tqdm(jobs, desc="images", disable=args.quiet or len(jobs) == 1)
     for job in progress:
         source = img.load_image(job.image_path, max_pixels=args.max_pixels)
-        resized = img.resize_for_model(source, args.resolution, multiple)
+        resized = img.resize_for_model(source, args.resolution, multiple, max_pixels=args.max_pixels)
         batch = img.images_to_batch([resized])
 
         def run_edit(s_t: float, s_i: float, n: int) -> list:
@@ -226,7 +270,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write(image, path: Path, record: dict) -> None:
-    img.save_image(image, path)
-    sidecar = path.with_suffix(".json")
-    sidecar.write_text(json.dumps(record, indent=2) + "\n")
+    try:
+        img.save_image(image, path)
+        path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    except OSError as e:
+        raise ValueError(f"cannot write {str(path)!r} ({e.strerror or e}); choose another --output") from None
 

@@ -137,7 +137,9 @@ def _load_folder(source: str, torch_dtype: torch.dtype | None) -> dict:
         }
     except (OSError, EnvironmentError) as e:
         if local.exists():
-            raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"checkpoint folder {source!r} is incomplete or damaged ({first}); re-export or "
+                             "re-download it") from e
         raise FileNotFoundError(
             f"could not load {source!r}: it is not a local folder, and as a hub id it failed ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); check the path, or download it first when offline"
@@ -204,9 +206,10 @@ def load_editor(source: str | os.PathLike, *, config_dir: str | None = None, all
         )
     if scale_source_latent is None:
         scale_source_latent = _as_bool(meta.get("scale_source_latent", False))
+    # requires_grad stays as loaded, as in diffusers' pipeline: sampling runs under no_grad anyway, and PyTorch picks
+    # another matmul kernel for frozen weights (e.g. linear attention projections of SD 2.x UNets over a few tokens),
+    # which would make edits differ from diffusers' in the last bits.
     model = EditorModel(**components, scale_source_latent=scale_source_latent)
-    for module in (model.unet, model.vae, model.text_encoder):
-        module.requires_grad_(False)
     if device is not None:
         model.to(device=device)
     return model.eval()

@@ -5,7 +5,7 @@ import torch
 from diffusers import StableDiffusionInstructPix2PixPipeline
 
 from ip2p import tiny
-from ip2p.conditioning import apply_dropout, draw_dropout, dropout_masks, encode_source
+from ip2p.conditioning import apply_dropout, draw_dropout, dropout_masks, encode_source, encode_text
 from ip2p.guidance import branch_weights, combine, needed_branches, two_scale_denoiser
 from ip2p.models import EditorModel, expand_conv_in, load_editor
 from ip2p.sampling import NO_SAMPLE_PREDICTION, SCHEDULERS, default_scheduler, edit, make_scheduler
@@ -181,6 +181,40 @@ def test_edit_matches_diffusers_for_batches_and_several_outputs(editor_and_pipe)
     assert (got[0] - got[1]).abs().max() > 1e-3  # different noise per output
 
 
+def test_edit_is_bit_identical_to_diffusers_for_a_linear_projection_unet(tmp_path):
+    """SD 2.x UNets project attention inputs with Linear layers; over a few tokens PyTorch takes another matmul kernel
+    for weights that do not require grad, so the editor must leave the flags as diffusers does."""
+    from diffusers import UNet2DConditionModel
+
+    c = tiny.tiny_components("small", in_channels=8, seed=1)
+    torch.manual_seed(2)
+    c.unet = UNet2DConditionModel(**dict(c.unet.config, use_linear_projection=True)).eval()
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=c.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    model = load_editor(tmp_path, expand=False)
+    image = torch.rand(1, 3, 4, 12, generator=torch.Generator().manual_seed(0)) * 2 - 1  # latent 2x6: 3 tokens deep
+    pipe.scheduler = make_scheduler("euler", model.scheduler.config)
+    want = pipe("x", image=(image + 1) / 2, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                output_type="latent").images
+    got = edit(model, image, ["x"], steps=2, scheduler=make_scheduler("euler", model.scheduler.config),
+               generator=torch.Generator().manual_seed(0), progress=False, output="latent")
+    assert torch.equal(got, want)
+
+
+def test_encode_text_masks_as_diffusers_for_encoders_trained_with_a_mask():
+    c = tiny.tiny_components("small", in_channels=8)
+    c.text_encoder.config.use_attention_mask = True
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=c.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    full, null, _ = pipe._encode_prompt(["make it winter"], "cpu", 1, True, None).chunk(3)
+    assert torch.equal(encode_text(c.text_encoder, c.tokenizer, ["make it winter"]), full)
+    assert torch.equal(encode_text(c.text_encoder, c.tokenizer, [""]), null)
+
+
 def test_edit_is_reproducible_and_seed_dependent(editor_and_pipe):
     model, _ = editor_and_pipe
     image = torch.zeros(1, 3, 16, 16)
@@ -195,7 +229,6 @@ def test_edit_with_s_i_one_matches_three_branch_value(editor_and_pipe):
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     src = encode_source(model.vae, image)
-    from ip2p.conditioning import encode_text
     text = encode_text(model.text_encoder, model.tokenizer, ["hello"])
     null = encode_text(model.text_encoder, model.tokenizer, [""])
     t = torch.tensor(500)

@@ -383,6 +383,16 @@ def test_offline_without_config_dir_explains_the_flag(sd_file, monkeypatch, tmp_
         export.load_single_file(sd_file, config_dir=str(tmp_path / "partial"))
 
 
+def test_unreachable_hub_architecture_is_a_clear_error(sd_file, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load this model")
+
+    monkeypatch.setattr(export, "_offline", lambda: False)
+    monkeypatch.setattr(UNet2DConditionModel, "load_config", no_network)
+    with pytest.raises(FileNotFoundError, match="architecture of .*editor.safetensors from 'org/editor' .*--config-dir"):
+        export.load_single_file(sd_file, config_dir="org/editor")
+
+
 def test_single_file_write_failure_keeps_the_previous_file(tmp_path, monkeypatch):
     target = tmp_path / "editor.safetensors"
     old = tiny.tiny_components("small", seed=1)
@@ -405,3 +415,21 @@ def test_single_file_write_failure_keeps_the_previous_file(tmp_path, monkeypatch
 def test_single_file_needs_a_safetensors_suffix(tmp_path):
     with pytest.raises(ValueError, match=r"model.ckpt.*\.safetensors"):
         export.save_single_file(tiny.tiny_components("small"), tmp_path / "model.ckpt")
+
+
+def test_exports_are_readable_as_the_umask_allows(tmp_path):
+    """Other users and tools (a ComfyUI server, a container) read the checkpoint: tempfile's owner-only modes must
+    not leak into the published file and folder."""
+    import os
+
+    c = tiny.tiny_components("small", seed=1)
+    old = os.umask(0o022)
+    try:
+        single = export.save_single_file(c, tmp_path / "editor.safetensors")
+        folder = export.save_pipeline_folder(c, tmp_path / "editor")
+    finally:
+        os.umask(old)
+    assert single.stat().st_mode & 0o777 == 0o644
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in folder.rglob("*") if p.is_file()} == {0o644}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["editor", "editor.safetensors"]

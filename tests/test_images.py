@@ -258,6 +258,13 @@ def test_resize_for_model() -> None:
     assert resize_for_model(Image.new("RGBA", (64, 64)), resolution=64).mode == "RGB"
 
 
+def test_resize_for_model_refuses_a_huge_resolution_before_allocating() -> None:
+    image = _noise(32, 24)
+    with pytest.raises(ValueError, match=r"resolution 100000 makes .* 100000x75000 .* over the limit of 67108864"):
+        resize_for_model(image, 100_000, max_pixels=DEFAULT_MAX_PIXELS)
+    assert resize_for_model(image, 64, max_pixels=64 * 48).size == (64, 48)
+
+
 # ---------------------------------------------------------------- load_image: errors
 
 

@@ -89,6 +89,10 @@ def test_infer_reads_a_single_file_checkpoint(tiny_sd_editor_dir, photo, tmp_pat
     ({"--device": "gpu"}, "'gpu' is not a device name"),
     ({"--steps": "0"}, "--steps 0"),
     ({"--sweep": None, "--sweep-text": "a,b"}, "--sweep-text"),
+    ({"--text-guidance": "nan"}, "--text-guidance nan must be a finite number"),
+    ({"--sweep": None, "--sweep-image": "1,inf"}, "--sweep-image='1,inf' must hold finite numbers"),
+    ({"--seed": str(2**64)}, "--seed 18446744073709551616 must be between 0 and 2**64 - 1"),
+    ({"--resolution": "100000"}, "100000x75000 = 7500000000 pixels, over the limit"),
 ])
 def test_infer_errors_are_one_line(tiny_editor_dir, photo, tmp_path, caplog, extra, message):
     if extra.get("--device") == "cuda" and torch.accelerator.is_available():
@@ -134,3 +138,47 @@ def test_resolution_0_keeps_the_input_size_like_diffusers(tiny_editor_dir, tmp_p
                 generator=torch.Generator().manual_seed(0)).images[0]
     assert want.size == (44, 26)  # floored to the VAE factor (2 for this tiny model, 8 for SD)
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want))
+
+
+def test_infer_unwritable_output_is_a_one_line_error_before_loading(photo, tmp_path, caplog):
+    rc = infer.main(["--checkpoint", str(tmp_path / "never-loaded"), "--image", str(photo), "--instruction", "x",
+                     "--output", str(photo / "o.png"), "--quiet"])
+    assert rc == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors and "--output: cannot create the folder" in errors[-1] and str(photo) in errors[-1]
+
+
+def test_infer_inputs_with_the_same_stem_get_distinct_outputs(tiny_editor_dir, photo, tmp_path):
+    (tmp_path / "in").mkdir()
+    Image.open(photo).save(tmp_path / "in" / "cat.png")
+    Image.open(photo).save(tmp_path / "in" / "cat.jpg")
+    Image.open(photo).save(tmp_path / "in" / "cat-1.png")  # a real stem the numbering must not reuse
+    assert infer.main(["--checkpoint", str(tiny_editor_dir), "--image", str(tmp_path / "in"), "--instruction", "x",
+                       "--output", str(tmp_path / "edits"), "--steps", "1", "--resolution", "16", "--quiet"]) == 0
+    pngs = sorted(p.name for p in (tmp_path / "edits").glob("*.png"))
+    assert len(pngs) == 3
+    sources = {json.loads(p.read_text())["image"] for p in (tmp_path / "edits").glob("*.json")}
+    assert sources == {str(tmp_path / "in" / n) for n in ("cat.png", "cat.jpg", "cat-1.png")}
+
+
+def test_infer_refuses_a_damaged_checkpoint_folder(tiny_editor_dir, photo, tmp_path, caplog):
+    import shutil
+
+    damaged = shutil.copytree(tiny_editor_dir, tmp_path / "damaged")
+    weights = damaged / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    rc = infer.main(["--checkpoint", str(damaged), "--image", str(photo), "--instruction", "x", "--quiet",
+                     "--output", str(tmp_path / "o.png")])
+    assert rc == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors and "'" + str(damaged) + "' is incomplete or damaged" in errors[-1] and "\n" not in errors[-1]
+
+
+def test_infer_instructions_file_that_is_not_text_names_the_file(photo, tmp_path, caplog):
+    bad = tmp_path / "ins.txt"
+    bad.write_bytes(b"\xff\xfe\x00 not utf-8")
+    rc = infer.main(["--checkpoint", str(tmp_path / "never-loaded"), "--image", str(photo), "--instructions-file",
+                     str(bad), "--quiet"])
+    assert rc == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors and f"--instructions-file {bad} is not UTF-8 text" in errors[-1]
