@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -181,6 +182,22 @@ _CHOICES = {
 }
 
 
+# Smallest allowed value of each numeric key that has one (0 means "disabled" where the key's doc says so).
+_MINIMUM = {
+    "train.max_steps": 1, "train.batch_size": 1, "train.gradient_accumulation": 1, "train.log_every": 1,
+    "train.lr_warmup_steps": 0, "train.checkpoint_every": 0, "train.checkpoints_total_limit": 0,
+    "train.weight_decay": 0, "train.max_grad_norm": 0, "train.snr_gamma": 0, "train.noise_offset": 0,
+    "data.resolution": 8, "data.num_workers": 0, "validation.every": 0, "validation.steps": 1,
+    "validation.resolution": 8,
+}
+_SECTIONS = {ModelConfig: "model", DataConfig: "data", TrainConfig: "train", ValidationConfig: "validation"}
+
+
+def _value(cfg: "Config", key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
 class ConfigError(ValueError):
     """A config key or value is wrong; the message says which and what is allowed."""
 
@@ -276,11 +293,25 @@ def validate(cfg: Config) -> Config:
     for tracker in cfg.trackers:
         if tracker not in TRACKERS:
             raise ConfigError(f"trackers: {tracker!r} is unknown; choose from {', '.join(TRACKERS)}")
-    positive = {"train.max_steps": cfg.train.max_steps, "train.batch_size": cfg.train.batch_size,
-                "train.gradient_accumulation": cfg.train.gradient_accumulation, "data.resolution": cfg.data.resolution}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be at least 1")
+    if not cfg.output_dir.strip():
+        raise ConfigError("output_dir is empty; name the run folder, e.g. output_dir=runs/my-run")
+    for section in (cfg, cfg.model, cfg.data, cfg.train, cfg.validation):
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                key = f.name if section is cfg else f"{_SECTIONS[type(section)]}.{f.name}"
+                raise ConfigError(f"{key}={value} must be a finite number")
+    for key, minimum in _MINIMUM.items():
+        value = _value(cfg, key)
+        if value < minimum:
+            raise ConfigError(f"{key}={value} must be at least {minimum}")
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed={cfg.seed} must be in [0, 2**32 - 1]")
+    for key in ("train.adam_beta1", "train.adam_beta2"):
+        if not 0 <= _value(cfg, key) < 1:
+            raise ConfigError(f"{key}={_value(cfg, key)} must be in [0, 1)")
+    if cfg.train.adam_eps <= 0:
+        raise ConfigError(f"train.adam_eps={cfg.train.adam_eps} must be positive")
     if not 0 <= cfg.train.condition_dropout <= 1 / 3:
         raise ConfigError(f"train.condition_dropout={cfg.train.condition_dropout} must be in [0, 1/3]")
     if not 0 < cfg.train.ema_decay < 1:
@@ -297,8 +328,6 @@ def validate(cfg: Config) -> Config:
     if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1] or lo_hi[0] < cfg.data.resolution:
         raise ConfigError(f"data.random_resize={lo_hi} must be [lo, hi] with data.resolution "
                           f"({cfg.data.resolution}) <= lo <= hi")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
     if cfg.validation.every and not cfg.validation.images:
         raise ConfigError("validation.every is set but validation.images is empty; list local image files")
     if cfg.data.cache == "text+latents" and (cfg.data.random_crop or cfg.data.random_flip

@@ -208,6 +208,10 @@ def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
 
 # ---- the loop ------------------------------------------------------------------------------------------------------
 
+# Examples from the start of a run (or the whole dataset, if smaller) that may all be bad before the run stops.
+_NO_VALID_LIMIT = 256
+
+
 class _Preemption:
     """SIGTERM (cluster preemption) sets a flag; the loop saves a checkpoint at the next step boundary and exits."""
 
@@ -322,6 +326,13 @@ class Trainer:
                 make_scheduler(cfg.validation.scheduler, self.base_scheduler_config)
             except ValueError as e:
                 raise cfgmod.ConfigError(f"validation.scheduler: {e}") from None
+            from ip2p.images import load_image
+
+            for path in cfg.validation.images:  # a missing image would otherwise stop the run at its first validation
+                try:
+                    load_image(path)
+                except (FileNotFoundError, ValueError) as e:
+                    raise type(e)(f"validation.images: {e}") from None
 
         unet = components["unet"]
         self.latent_channels = int(components["vae"].config.latent_channels)
@@ -505,7 +516,8 @@ class Trainer:
         tmp = root / f".tmp-step-{self.global_step:06d}"
         if self.is_main:
             root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in root.glob(".*-step-*"):  # left by a save or a prune that was killed
+                shutil.rmtree(stale, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
         acc.wait_for_everyone()  # every rank writes its RNG state; rename only once all are done
@@ -515,25 +527,41 @@ class Trainer:
                      "data_step": self.global_step * self.cfg.train.gradient_accumulation,
                      "ip2p_version": ip2p.__version__}
             (tmp / "ip2p_state.json").write_text(json.dumps(state, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._prune()
+            if final.exists():  # (a resumed run saving a step again) moved aside, so a kill never leaves it torn
+                old = root / f".old-step-{self.global_step:06d}"
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            self._prune(keep=final)
             logger.info("saved checkpoint %s", final)
         acc.wait_for_everyone()
         return final
 
-    def _prune(self) -> None:
+    def _prune(self, keep: Path) -> None:
+        """Delete the oldest checkpoints beyond ``train.checkpoints_total_limit``, never ``keep`` (the one just
+        written: a run resumed from an older checkpoint may have newer ones from before). Each is renamed before it
+        is deleted, so a kill never leaves a half-deleted folder that looks complete."""
         limit = self.cfg.train.checkpoints_total_limit
-        found = list_checkpoints(self.out)
-        if limit > 0 and len(found) > limit:
-            for _, path in found[: len(found) - limit]:
-                shutil.rmtree(path, ignore_errors=True)
+        found = [path for _, path in list_checkpoints(self.out) if path != keep]
+        if limit > 0 and len(found) > limit - 1:
+            for path in found[: len(found) - (limit - 1)]:
+                doomed = path.with_name(f".del-{path.name}")
+                os.replace(path, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
 
     def load_checkpoint(self, path: Path) -> None:
-        self.accelerator.load_state(str(path))
-        state = json.loads((path / "ip2p_state.json").read_text())
-        self.global_step = int(state["step"])
+        """Restore the training state from ``path``; a damaged checkpoint is a ValueError naming it."""
+        try:
+            state = json.loads((path / "ip2p_state.json").read_text())
+            step = int(state["step"])
+            self.accelerator.load_state(str(path))
+        except Exception as e:  # safetensors, torch, pickle and json each raise their own types for a torn file
+            reason = " ".join(str(e).split())
+            raise ValueError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {reason}); resume from "
+                             f"another one, e.g. resume=<an older {checkpoint_dir(self.out)}/step-NNNNNN>") from e
+        self.global_step = step
         self.samples_seen = int(state.get("samples_seen", 0))
         self.bad_records = int(state.get("bad_records", 0))
         logger.info("resumed from %s at step %d", path, self.global_step)
@@ -621,25 +649,51 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         resume = resolve_resume(cfg.resume, cfg.output_dir)
         if resume is not None:
-            self.load_checkpoint(resume)
+            # resume=latest falls back past a damaged newest checkpoint (disk trouble, a hand-edited file).
+            candidates = ([path for _, path in reversed(list_checkpoints(self.out))] if cfg.resume == "latest"
+                          else [resume])
+            for i, path in enumerate(candidates):
+                try:
+                    self.load_checkpoint(path)
+                    break
+                except ValueError as e:
+                    if i == len(candidates) - 1:
+                        raise
+                    logger.warning("%s; trying the one before it", e)
         # wandb writes its run (offline too, with WANDB_MODE=offline) inside the run folder, not the working directory.
         acc.init_trackers("ip2p", config=_flat(cfgmod.to_dict(cfg)),
                           init_kwargs={"wandb": {"dir": str(self.out), "name": self.out.name}})
         accum = cfg.train.gradient_accumulation
         global_batch = cfg.train.batch_size * acc.num_processes * accum
-        loader = iter(self._batches(self.global_step * accum))
+        data = self._batches(self.global_step * accum)
+        loader = iter(data)
+        # A dataset with no usable record (a wrong column, every image unreadable) stops the run with the reasons
+        # instead of training on nothing; bad records later on are only counted.
+        num_records = data.dataset.records.num_records
+        check_valid = min(_NO_VALID_LIMIT, num_records or _NO_VALID_LIMIT)
+        seen_valid = False
         bar = tqdm(total=cfg.train.max_steps, initial=self.global_step, disable=not self.is_main, desc="training",
                    dynamic_ncols=True)
         started, start_step = time.perf_counter(), self.global_step
         window: list[float] = []  # losses since the last log line: one batch's loss is too noisy to read
         with _Preemption() as preempt:
             while self.global_step < cfg.train.max_steps:
-                losses = []
+                losses, valid = [], 0
                 for _ in range(accum):
                     batch = next(loader)
                     # The data loader logs the first reasons and then counts; the total goes to the trackers.
                     self.bad_records += int(batch["num_bad"])
+                    valid += int(batch["valid"].sum())
                     losses.append(self.micro_step(batch))
+                if not seen_valid:
+                    valid_t = torch.tensor(float(valid), device=acc.device)
+                    seen_valid = acc.reduce(valid_t, reduction="sum").item() > 0
+                    seen = (self.global_step + 1 - start_step) * global_batch
+                    if not seen_valid and (seen >= check_valid or self.global_step + 1 == cfg.train.max_steps):
+                        first = data.bad_records.reasons[:1] or ["(on another process)"]
+                        raise ValueError(f"the first {seen} examples of data.path={cfg.data.path!r} were all bad "
+                                         f"records, e.g. {first[0]}; check data.path, data.split and the "
+                                         "data.*_column keys")
                 self.lr_scheduler.step()
                 if self.ema is not None:
                     self.ema.step(acc.unwrap_model(self.unet).parameters())

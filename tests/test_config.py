@@ -41,6 +41,21 @@ def test_yaml_then_overrides(tmp_path):
     ("data.random_resize=[300,280]", "random_resize"),
     ("train", "key=value"),
     ("validation.every=5", "validation.images is empty"),
+    # Values the loop would divide by, negate the loss with, or hand to numpy/torch as an unnamed error.
+    ("train.log_every=0", "train.log_every=0 must be at least 1"),
+    ("train.snr_gamma=-1", "train.snr_gamma=-1.0 must be at least 0"),
+    ("train.checkpoint_every=-1", "train.checkpoint_every=-1 must be at least 0"),
+    ("train.checkpoints_total_limit=-2", "train.checkpoints_total_limit=-2 must be at least 0"),
+    ("train.lr_warmup_steps=-1", "train.lr_warmup_steps=-1 must be at least 0"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm=-1.0 must be at least 0"),
+    ("train.lr=nan", "train.lr=nan must be a finite number"),
+    ("validation.text_guidance=inf", "validation.text_guidance=inf must be a finite number"),
+    ("train.adam_beta1=1.5", "train.adam_beta1=1.5 must be in [0, 1)"),
+    ("train.adam_eps=0", "train.adam_eps=0.0 must be positive"),
+    ("seed=-1", "seed=-1 must be in [0, 2**32 - 1]"),
+    ("data.resolution=4", "data.resolution=4 must be at least 8"),
+    ("validation.steps=0", "validation.steps=0 must be at least 1"),
+    ("output_dir=", "output_dir is empty"),
 ])
 def test_bad_keys_and_values_are_clear_errors(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

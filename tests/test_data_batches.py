@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -251,3 +252,17 @@ def test_every_worker_reads_the_whole_of_a_sharded_datasets_stream(monkeypatch):
     assert _record_numbers(with_workers) == [p % N for p in range(12)]
     for a, b in zip(with_workers, in_process, strict=True):
         _assert_same(a, b)
+
+
+def test_dataloader_workers_leave_sigterm_to_the_training_process(parquet_root, map_records):
+    # Slurm and `timeout` signal the whole process group; a worker that died of it would crash the run before the
+    # training process could save its checkpoint.
+    import signal
+
+    loader = make_dataloader(_batches(map_records, batch_size=2, max_steps=6, num_workers=1))
+    batches = iter(loader)
+    first = next(batches)
+    for worker in loader._iterator._workers:  # persistent workers: the loader keeps its iterator
+        os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert [first["step"]] + [b["step"] for b in batches] == [0, 1, 2, 3, 4, 5]

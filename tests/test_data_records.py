@@ -231,3 +231,59 @@ def test_custom_column_names(tmp_path):
     assert records.get(1)["instruction"] == "edit 1" and _same_pixels(records.get(1)["target"], pair(1)[1])
     with pytest.raises(ValueError, match=r"data\.target_column='afterr' is not a column.*'after'"):
         open_records(tmp_path / "d", columns=ColumnMap("before", "caption", "afterr"))
+
+
+# Damaged and empty data --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["map", "streaming"])
+def test_empty_datasets_are_one_line_errors(tmp_path, streaming):
+    empty_parquet = write_parquet_dir(tmp_path / "pq", 2, shards=1)
+    table = empty_parquet / "data" / "train-00000-of-00001.parquet"
+    image_dataset(image_rows(2)).select([]).to_parquet(str(table))
+    (tmp_path / "empty.jsonl").write_text("")
+    image_dataset(image_rows(2)).select([]).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "imgf").mkdir()
+    (tmp_path / "imgf" / "metadata.jsonl").write_text("")
+    for path in (empty_parquet, tmp_path / "empty.jsonl", tmp_path / "saved", tmp_path / "imgf"):
+        with pytest.raises(ValueError, match="has no records"):
+            open_records(path, streaming=streaming, cache_dir=tmp_path / "cache")
+
+
+def test_a_row_less_shard_among_others_is_left_out(tmp_path):
+    root = write_parquet_dir(tmp_path / "pq", 4, shards=2)
+    image_dataset(image_rows(1)).select([]).to_parquet(str(root / "data" / "train-00002-of-00003.parquet"))
+    for streaming in (False, True):
+        records = open_records(root, streaming=streaming, cache_dir=tmp_path / "cache")
+        assert _instructions(records) == [f"edit {i}" for i in range(4)]
+
+
+def test_damaged_files_are_errors_naming_them(tmp_path):
+    root = write_parquet_dir(tmp_path / "pq", 4, shards=2)
+    shard = root / "data" / "train-00001-of-00002.parquet"
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated second shard: map-style once failed inside datasets
+    with pytest.raises(ValueError, match="train-00001-of-00002.parquet"):
+        open_records(root, cache_dir=tmp_path / "cache")
+    folder = tmp_path / "js"
+    names = write_image_files(folder, 2)
+    lines = [json.dumps({"input_image": s, "edit_prompt": "e", "edited_image": t}) for s, t in names]
+    (folder / "train.jsonl").write_text(lines[0] + '\n{"input_image": \n' + lines[1] + "\n")
+    for streaming in (False, True):
+        with pytest.raises(ValueError, match=r"cannot read .*js.*well-formed"):
+            list(open_records(folder, streaming=streaming, cache_dir=tmp_path / "cache").iterate())
+    image_dataset(image_rows(3)).save_to_disk(str(tmp_path / "saved"))
+    (arrow,) = (tmp_path / "saved").glob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[:400])
+    with pytest.raises(ValueError, match=r"cannot read saved dataset .*saved"):
+        open_records(tmp_path / "saved")
+
+
+def test_csv_file_folder_and_glob(tmp_path):
+    folder = tmp_path / "csv"
+    names = write_image_files(folder, 3)
+    (folder / "pairs.csv").write_text("input_image,edit_prompt,edited_image\n"
+                                      + "".join(f"{s},edit {i},{t}\n" for i, (s, t) in enumerate(names)))
+    for path in (folder / "pairs.csv", folder, str(folder / "*.csv")):
+        records = open_records(path, cache_dir=tmp_path / "cache")
+        assert _instructions(records) == ["edit 0", "edit 1", "edit 2"]
+        assert _same_pixels(records.get(1)["target"], pair(1)[1])

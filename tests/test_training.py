@@ -506,3 +506,47 @@ def test_bad_records_are_skipped_counted_and_never_fatal(tmp_path):
     state = json.loads((list_checkpoints(out)[-1][1] / "ip2p_state.json").read_text())
     assert state["bad_records"] == 1  # 2 steps x 2 = one pass over 4 rows, one of them corrupt
     assert (out / "final" / "model_index.json").is_file()
+
+
+def test_damaged_checkpoint_is_a_clear_error_and_latest_falls_back(tmp_path, data_dir, caplog):
+    out = tmp_path / "run"
+    assert train.main(overrides(out, data_dir, "train.checkpoint_every=1", "train.max_steps=2")) == 0
+    newest = out / "checkpoints" / "step-000002"
+    (newest / "model.safetensors").write_bytes(b"torn")
+    assert train.main(overrides(out, data_dir, "train.max_steps=3", f"resume={newest}")) == 2
+    assert f"checkpoint {newest} cannot be loaded" in caplog.text and "Traceback" not in caplog.text
+    assert train.main(overrides(out, data_dir, "train.checkpoint_every=1", "train.max_steps=3", "resume=latest")) == 0
+    assert "trying the one before it" in caplog.text  # and step 1 loaded: steps 2 and 3 were trained again
+    # The damaged step 2 was written again (moved aside first, never deleted before its replacement was in place).
+    assert [s for s, _ in list_checkpoints(out)] == [1, 2, 3]
+    assert load_file(newest / "model.safetensors") and not list((out / "checkpoints").glob(".*"))
+
+
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path, data_dir):
+    out = tmp_path / "run"
+    assert train.main(overrides(out, data_dir, "train.checkpoint_every=2", "train.max_steps=4",
+                                "train.checkpoints_total_limit=0")) == 0
+    older = out / "checkpoints" / "step-000002"
+    # Resumed from the older checkpoint, with room for one: the newest left must be the one this run wrote.
+    assert train.main(overrides(out, data_dir, "train.checkpoint_every=1", "train.max_steps=3",
+                                "train.checkpoints_total_limit=1", f"resume={older}")) == 0
+    assert [s for s, _ in list_checkpoints(out)] == [3]
+
+
+def test_unusable_data_and_validation_images_fail_before_training(tmp_path, data_dir, caplog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "ints").mkdir()
+    table = pq.read_table(next(Path(data_dir).glob("data/train-*.parquet")))
+    index = table.schema.get_field_index("edit_prompt")
+    table = table.set_column(index, "edit_prompt", pa.array(range(table.num_rows)))  # a column of the wrong type
+    pq.write_table(table, tmp_path / "ints" / "train.parquet")
+    out = tmp_path / "run"
+    assert train.main(overrides(out, tmp_path / "ints", "train.max_steps=1000")) == 2
+    assert "the first 48 examples" in caplog.text and "instruction has type int" in caplog.text  # one epoch
+    caplog.clear()
+    missing, out = tmp_path / "missing.png", tmp_path / "validated"
+    assert train.main(overrides(out, data_dir, "validation.every=2", f"validation.images=[{missing}]",
+                                "validation.instructions=[x]")) == 2
+    assert "validation.images" in caplog.text and str(missing) in caplog.text and not list_checkpoints(out)

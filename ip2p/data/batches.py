@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import signal
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
@@ -308,6 +309,12 @@ def _reset_fsspec_lock() -> None:
         pass
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    """Leave SIGTERM to the training process, which saves a checkpoint before it exits: Slurm and `timeout` signal
+    the whole process group, and a worker killed by it would crash the run first. Workers still exit with it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class BadRecordTally:
     """Running count of one process's skipped records and their first reasons, logged as batches arrive.
 
@@ -362,5 +369,6 @@ def make_dataloader(batches: EditBatches, num_workers: int | None = None, *, pin
     workers = batches.num_workers if num_workers is None else _positive("num_workers", num_workers, 0)
     extra: dict[str, Any] = {}
     if workers > 0:
-        extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor or 2}
+        extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor or 2,
+                 "worker_init_fn": _ignore_sigterm}
     return EditDataLoader(batches, num_workers=workers, pin_memory=pin_memory, **extra)

@@ -14,7 +14,7 @@ import logging
 import os
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ip2p.images import DEFAULT_MAX_PIXELS, ImageError, load_image, to_rgb
 
@@ -65,6 +65,8 @@ def _decode_bytes(data: bytes, max_pixels: int) -> Image.Image:
         raise
     except MemoryError:
         raise
+    except UnidentifiedImageError:  # its message names a BytesIO object, which says nothing
+        raise BadRecord("cannot decode image (the bytes are not a PNG/JPEG/WebP/BMP/TIFF image)") from None
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) for bad data
         raise BadRecord(f"cannot decode image ({_one_line(exc)})") from exc
     return upright

@@ -6,7 +6,7 @@
 - a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`: `datasets.load_from_disk`;
 - a folder of `.parquet` files (splits from file and folder names, as on the hub: `data/train-*.parquet`,
   `test.parquet`, ...), a glob of them, or one file;
-- a `.jsonl` / `.json` file, folder or glob; image columns may hold paths relative to the file's folder
+- a `.jsonl` / `.json` or `.csv` file, folder or glob; image columns may hold paths relative to the file's folder
   (for a folder or a glob of several folders: relative to the folder given / the matches' common parent);
 - an imagefolder: a folder with `metadata.jsonl` (or `.csv` / `.parquet`) naming image files. Each
   `<name>_file_name` column becomes an image column `<name>` (datasets' imagefolder builder, which accepts
@@ -43,6 +43,7 @@ Cost of resume in streaming mode. Resuming at position P means finding record P 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import csv
 import glob
 import json
@@ -63,7 +64,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["ACCEPTED_FORMATS", "Records", "open_records"]
 
 ACCEPTED_FORMATS = (
-    "a hub dataset id (owner/name), a save_to_disk folder, a .parquet file, folder or glob, a .jsonl/.json "
+    "a hub dataset id (owner/name), a save_to_disk folder, a .parquet file, folder or glob, a .jsonl/.json/.csv "
     "file, folder or glob, an imagefolder with metadata.jsonl, an InstructPix2Pix folder with seeds.json, or the "
     "built-in 'synthetic' (synthetic:n=2000,size=64,seed=0)"
 )
@@ -74,6 +75,7 @@ _READ_BATCH = 32
 
 _PARQUET_EXT = (".parquet",)
 _JSON_EXT = (".jsonl", ".json")
+_CSV_EXT = (".csv",)
 _METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
@@ -212,10 +214,11 @@ class _StreamRecords(Records):
 
     def iterate(self, start: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
         position = max(0, start)
-        for table in self._opener(position):
-            for row in table.to_pylist():
-                yield position, self._raw(row)
-                position += 1
+        with _reading(self.description):
+            for table in self._opener(position):
+                for row in table.to_pylist():
+                    yield position, self._raw(row)
+                    position += 1
         if self.num_records is None and position > max(0, start):
             self.num_records = position  # the stream ended: its length is now known
 
@@ -314,6 +317,33 @@ def _load_dataset(*args: Any, **kwargs: Any) -> Any:
     return datasets.load_dataset(*args, **kwargs)
 
 
+@contextlib.contextmanager
+def _reading(description: str) -> Iterator[None]:
+    """Turn the errors datasets and Arrow raise for damaged or empty files into a one-line ValueError naming them."""
+    import datasets
+
+    try:
+        yield
+    except StopIteration:  # datasets' json reader, on a file with no rows
+        raise ValueError(f"{description} has no records; check data.path and data.split") from None
+    except (datasets.exceptions.DatasetGenerationError, pa.ArrowException, ValueError) as exc:
+        cause = exc
+        while cause.__cause__ is not None:  # DatasetGenerationError says only "an error occurred"
+            cause = cause.__cause__
+        reason = " ".join(f"{type(cause).__name__}: {cause}".split())
+        raise ValueError(f"cannot read {description} ({reason}); check that its files are complete and "
+                         "well-formed") from exc
+
+
+def _saved_without_data(root: str) -> bool:
+    """Whether a `save_to_disk` folder of one `Dataset` holds no data files (datasets cannot load it)."""
+    try:
+        with open(os.path.join(root, "state.json"), encoding="utf-8") as handle:
+            return json.load(handle).get("_data_files") == []
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _pick_split(split: str, available: Iterable[str], where: str) -> str:
     available = sorted(available)
     for name in (split, _SPLIT_ALIASES.get(split)):
@@ -351,25 +381,35 @@ def _parquet_records(files: list[str], *, columns: ColumnMap, streaming: bool, d
         raise ValueError(f"cannot read the parquet file {files[0]} ({exc})") from exc
     resolved = resolve_columns(columns, names, description)
     needed = _unique(resolved)
+    # Every footer is read up front, so a damaged shard is an error naming it now rather than mid-run, and
+    # row-less files are left out (datasets' parquet reader fails on them).
+    counts = []
+    for path in files:
+        try:
+            counts.append(pq.ParquetFile(path).metadata.num_rows)
+        except (OSError, pa.ArrowException) as exc:
+            raise ValueError(f"cannot read the parquet file {path} ({exc})") from exc
+    files, counts = [path for path, n in zip(files, counts) if n], [n for n in counts if n]
+    if not files:
+        raise ValueError(f"{description} has no records; check data.path and data.split")
     if streaming:
-        counts = []
-        for path in files:
-            try:
-                counts.append(pq.ParquetFile(path).metadata.num_rows)
-            except (OSError, pa.ArrowException) as exc:
-                raise ValueError(f"cannot read the parquet file {path} ({exc})") from exc
         stream = _ParquetStream(files, counts, needed, cache_dir)
         return _StreamRecords(stream, num_records=sum(counts), columns=resolved, description=description,
                               base_dir=base_dir)
-    dataset = _load_dataset("parquet", data_files={"train": files}, split="train", columns=needed,
-                            cache_dir=cache_dir)
+    with _reading(description):
+        dataset = _load_dataset("parquet", data_files={"train": files}, split="train", columns=needed,
+                                cache_dir=cache_dir)
     return _TableRecords(dataset, columns=resolved, streaming=False, description=description, base_dir=base_dir)
 
 
 def _json_records(files: list[str], *, columns: ColumnMap, streaming: bool, description: str,
                   base_dir: str | None, cache_dir: str | None, builder: str = "json") -> Records:
-    dataset = _load_dataset(builder, data_files={"train": files}, split="train", streaming=streaming,
-                            cache_dir=cache_dir)
+    files = [path for path in files if os.path.getsize(path) > 0]  # datasets' json reader fails on empty files
+    if not files:
+        raise ValueError(f"{description} has no records; check data.path and data.split")
+    with _reading(description):
+        dataset = _load_dataset(builder, data_files={"train": files}, split="train", streaming=streaming,
+                                cache_dir=cache_dir)
     return _dataset_records(dataset, columns=columns, streaming=streaming, description=description,
                             base_dir=base_dir)
 
@@ -386,8 +426,8 @@ def _file_records(files: list[str], label: str, *, split: str, columns: ColumnMa
     if None in kinds or len(kinds) != 1:
         extensions = sorted({os.path.splitext(path)[1] or "(none)" for path in files})
         raise ValueError(
-            f"data.path={label!r} matches files with extensions {extensions}; expected only .parquet or only "
-            ".jsonl/.json files"
+            f"data.path={label!r} matches files with extensions {extensions}; expected only .parquet, only "
+            ".jsonl/.json or only .csv files"
         )
     base_dir = os.path.commonpath([os.path.dirname(os.path.abspath(path)) for path in files])
     description = f"{label} ({len(files)} file{'s' if len(files) > 1 else ''})"
@@ -395,7 +435,7 @@ def _file_records(files: list[str], label: str, *, split: str, columns: ColumnMa
         return _parquet_records(files, columns=columns, streaming=streaming, description=description,
                                 base_dir=base_dir, cache_dir=cache_dir)
     return _json_records(files, columns=columns, streaming=streaming, description=description,
-                         base_dir=base_dir, cache_dir=cache_dir)
+                         base_dir=base_dir, cache_dir=cache_dir, builder=kinds.pop())
 
 
 def _kind(path: str) -> str | None:
@@ -404,6 +444,8 @@ def _kind(path: str) -> str | None:
         return "parquet"
     if lower.endswith(_JSON_EXT):
         return "json"
+    if lower.endswith(_CSV_EXT):
+        return "csv"
     return None
 
 
@@ -454,7 +496,10 @@ def _folder_records(root: str, label: str, *, split: str, columns: ColumnMap, st
         return _SeedsRecords(root, split=split, streaming=streaming)
 
     if os.path.isfile(os.path.join(root, "dataset_dict.json")) or os.path.isfile(os.path.join(root, "state.json")):
-        loaded = datasets.load_from_disk(root)
+        if _saved_without_data(root):
+            raise ValueError(f"saved dataset {label} has no records; check data.path")
+        with _reading(f"saved dataset {label}"):
+            loaded = datasets.load_from_disk(root)
         if isinstance(loaded, datasets.DatasetDict):
             name = _pick_split(split, loaded.keys(), f"the saved dataset {label}")
             loaded, description = loaded[name], f"saved dataset {label} (split {name!r})"
@@ -468,8 +513,9 @@ def _folder_records(root: str, label: str, *, split: str, columns: ColumnMap, st
     if metadata is not None:
         names = _metadata_columns(metadata)
         if any(name in ("file_name", "file_names") or name.endswith(("_file_name", "_file_names")) for name in names):
-            dataset = _load_dataset("imagefolder", data_dir=root, split=split, streaming=streaming,
-                                    cache_dir=cache_dir)
+            with _reading(f"imagefolder {label}"):
+                dataset = _load_dataset("imagefolder", data_dir=root, split=split, streaming=streaming,
+                                        cache_dir=cache_dir)
             return _dataset_records(dataset, columns=columns, streaming=streaming,
                                     description=f"imagefolder {label} (split {split!r})", base_dir=None)
         # Plain rows whose image columns are paths relative to the metadata file's folder.
@@ -477,7 +523,7 @@ def _folder_records(root: str, label: str, *, split: str, columns: ColumnMap, st
         return _json_records([metadata], columns=columns, streaming=streaming, description=f"metadata {metadata}",
                              base_dir=os.path.dirname(metadata), cache_dir=cache_dir, builder=builder)
 
-    for kind in ("parquet", "json"):
+    for kind in ("parquet", "json", "csv"):
         files = _split_files(root, kind, split)
         if files:
             description = f"{kind} folder {label} (split {split!r}, {len(files)} files)"
@@ -485,7 +531,7 @@ def _folder_records(root: str, label: str, *, split: str, columns: ColumnMap, st
                 return _parquet_records(files, columns=columns, streaming=streaming, description=description,
                                         base_dir=root, cache_dir=cache_dir)
             return _json_records(files, columns=columns, streaming=streaming, description=description,
-                                 base_dir=root, cache_dir=cache_dir)
+                                 base_dir=root, cache_dir=cache_dir, builder=kind)
     raise FileNotFoundError(f"data.path={label!r} is a folder with no dataset in a known layout; {ACCEPTED_FORMATS}")
 
 
