@@ -458,6 +458,7 @@ def load_single_file(path: str | os.PathLike, *, config_dir: str | None = None, 
     for name, model in loaded.items():
         _check_materialised(model, name, path)
     loaded["tokenizer"], loaded["scheduler"] = _load_tokenizer_and_scheduler(source, local_only)
+    loaded["scheduler"] = _as_trained(loaded["scheduler"], metadata)
     loaded["metadata"] = metadata
     logger.info("loaded single-file checkpoint %s (unet in_channels=%d, config from %s)", path, in_channels, source)
     return loaded
@@ -589,6 +590,30 @@ def _load_tokenizer_and_scheduler(source: str, local_only: bool) -> tuple[Any, A
     sched_config = diffusers.DDPMScheduler.load_config(source, subfolder="scheduler", local_files_only=local_only)
     sched_cls = getattr(diffusers, sched_config.get("_class_name", "PNDMScheduler"), diffusers.PNDMScheduler)
     return tokenizer, sched_cls.from_config(sched_config)
+
+
+def _as_trained(scheduler: Any, metadata: dict) -> Any:
+    """``scheduler`` (from ``config_dir``, usually the base model's) set up as the run in ``metadata`` trained the file:
+    an x0-prediction or zero-terminal-SNR model sampled with the base's settings would give wrong images silently."""
+    import diffusers
+
+    from ip2p.sampling import trained_scheduler_config, unsupported
+
+    run = metadata.get("ip2p_config")
+    run = run.get("config") if isinstance(run, dict) else None  # what Trainer.export_final writes
+    model = run.get("model") if isinstance(run, dict) else None
+    if not isinstance(model, dict):
+        return scheduler
+    config = trained_scheduler_config(dict(scheduler.config), model.get("prediction_type"),
+                                      bool(model.get("zero_terminal_snr")))
+    if config == dict(scheduler.config):
+        return scheduler
+    cls = type(scheduler)
+    if unsupported(cls, config):  # e.g. SD's PNDM cannot step x0 predictions; the exported folder uses Euler too
+        cls = diffusers.EulerDiscreteScheduler
+    logger.info("scheduler set up as the file was trained: %s",
+                {k: config[k] for k in ("prediction_type", "rescale_betas_zero_snr", "timestep_spacing") if k in config})
+    return cls.from_config(config)
 
 
 def _load_text_pool(unet: torch.nn.Module, checkpoint: dict[str, torch.Tensor]) -> None:

@@ -47,6 +47,30 @@ NO_SAMPLE_PREDICTION = (EulerAncestralDiscreteScheduler, PNDMScheduler)
 DEFAULT_SAMPLE_SCHEDULER = "euler"
 
 
+def override_config(config: dict, **changes) -> dict:
+    """``config`` (a diffusers config) with ``changes`` applied, kept by ``from_config``.
+
+    diffusers lists the keys a loaded config left at their defaults under ``_use_default_values`` and drops them in
+    ``from_config``: an override of such a key (SD 1.5's scheduler JSON has no ``prediction_type``) must leave that
+    list.
+    """
+    out = dict(config, **changes)
+    if "_use_default_values" in out:
+        out["_use_default_values"] = [k for k in out["_use_default_values"] if k not in changes]
+    return out
+
+
+def trained_scheduler_config(config: dict, prediction_type: str | None, zero_terminal_snr: bool) -> dict:
+    """The base model's scheduler ``config`` as a run with ``model.prediction_type`` and ``model.zero_terminal_snr``
+    trained it: what sampling that run's UNet needs (rescaled betas with trailing timesteps, Lin et al. 2024)."""
+    changes: dict = {}
+    if prediction_type:
+        changes["prediction_type"] = prediction_type
+    if zero_terminal_snr:
+        changes.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return override_config(config, **changes)
+
+
 def default_scheduler(prediction_type: str | None) -> str:
     """The default sampler's short name for a model of ``prediction_type`` (Euler-ancestral where it can be used)."""
     return DEFAULT_SAMPLE_SCHEDULER if prediction_type == "sample" else DEFAULT_SCHEDULER

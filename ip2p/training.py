@@ -36,6 +36,7 @@ from ip2p.conditioning import (
 )
 from ip2p.config import Config
 from ip2p.models import expand_conv_in, load_components, vae_downsampling
+from ip2p.sampling import trained_scheduler_config
 
 logger = logging.getLogger(__name__)
 
@@ -143,19 +144,6 @@ def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_typ
     if prediction_type == "sample":
         return clipped
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
-
-
-def override_config(config: dict, **changes) -> dict:
-    """``config`` (a diffusers config) with ``changes`` applied, kept by ``from_config``.
-
-    diffusers lists the keys a loaded config left at their defaults under ``_use_default_values`` and drops them in
-    ``from_config``: an override of such a key (SD 1.5's scheduler JSON has no ``prediction_type``) must leave that
-    list.
-    """
-    out = dict(config, **changes)
-    if "_use_default_values" in out:
-        out["_use_default_values"] = [k for k in out["_use_default_values"] if k not in changes]
-    return out
 
 
 def per_example_mse(pred: torch.Tensor, target: torch.Tensor, pixel_weights: torch.Tensor | None = None
@@ -302,12 +290,8 @@ class Trainer:
         components, _ = load_components(cfg.model.pretrained, config_dir=cfg.model.config_dir)
         self.tokenizer = components["tokenizer"]
         self.base_scheduler_config = dict(components["scheduler"].config)
-        changes = {}
-        if cfg.model.prediction_type:
-            changes["prediction_type"] = cfg.model.prediction_type
-        if cfg.model.zero_terminal_snr:
-            changes.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
-        self.base_scheduler_config = override_config(self.base_scheduler_config, **changes)
+        self.base_scheduler_config = trained_scheduler_config(self.base_scheduler_config, cfg.model.prediction_type,
+                                                              cfg.model.zero_terminal_snr)
         from diffusers import DDPMScheduler
 
         self.noise_scheduler = DDPMScheduler.from_config(self.base_scheduler_config)

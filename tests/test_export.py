@@ -158,6 +158,24 @@ def test_load_single_file_gives_the_same_weights_tokenizer_scheduler(sd_componen
     assert loaded["metadata"]["scale_source_latent"] is True
 
 
+def test_single_file_samples_as_its_run_trained_it(sd_components, sd_base_dir, tmp_path):
+    """A file from a run with x0 prediction on zero-terminal-SNR betas, loaded with its base's (PNDM, epsilon) config
+    folder, gets the run's scheduler settings, and a class that can step them: not the base's, silently."""
+    from ip2p.sampling import unsupported
+
+    run = {"config": {"model": {"prediction_type": "sample", "zero_terminal_snr": True}}, "step": 3}
+    path = export.save_single_file(sd_components, tmp_path / "x0.safetensors", ip2p_metadata=run)
+    scheduler = export.load_single_file(path, config_dir=str(sd_base_dir))["scheduler"]
+    assert scheduler.config.prediction_type == "sample"
+    assert scheduler.config.rescale_betas_zero_snr and scheduler.config.timestep_spacing == "trailing"
+    assert unsupported(type(scheduler), scheduler.config) is None
+    base = export.load_single_file(path, config_dir=str(sd_base_dir))  # the same file, read again: stable
+    assert dict(base["scheduler"].config) == dict(scheduler.config)
+    plain = export.save_single_file(sd_components, tmp_path / "eps.safetensors", ip2p_metadata={"config": {}})
+    kept = export.load_single_file(plain, config_dir=str(sd_base_dir))["scheduler"]
+    assert type(kept) is type(sd_components.scheduler) and kept.config.prediction_type == "epsilon"
+
+
 def test_single_file_uses_the_original_sd_key_names(sd_components, sd_file):
     with safe_open(str(sd_file), framework="pt") as f:
         keys = set(f.keys())
