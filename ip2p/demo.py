@@ -55,8 +55,8 @@ class DemoSettings:
     batch_size: int = 64
     grid_per_split: tuple[int, int] = (6, 2)
     """Examples of (held-out combinations, held-out phrasings) in the grid; the first of each edit type first."""
-    sweep_examples: int = 36
-    sweep_steps: int = 8
+    sweep_examples: int = 24
+    sweep_steps: int = 6
     image_scales: tuple[float, ...] = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2)
     text_scales: tuple[float, ...] = (1.0, 1.5, 3.0, 5.0, 7.5)
     overrides: tuple[str, ...] = field(default_factory=tuple)
