@@ -72,7 +72,7 @@ def save_pipeline_folder(components: Any, out_dir: str | os.PathLike, *,
         )
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / IP2P_META_FILE).write_text(meta_json)
-        _chmod_files(tmp, (tmp / IP2P_META_FILE).stat().st_mode & 0o777)  # the umask's mode, as our own file got
+        chmod_tree(tmp, (tmp / IP2P_META_FILE).stat().st_mode & 0o777)  # the umask's mode, as our own file got
         _fsync_tree(tmp)
         _swap_in_folder(tmp, out)
     except BaseException:
@@ -687,7 +687,7 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _chmod_files(folder: Path, mode: int) -> None:
+def chmod_tree(folder: Path, mode: int) -> None:
     """Give every file under ``folder`` ``mode``: safetensors writes weights owner-only (0o600), which would keep other
     users and tools (a shared ComfyUI server, a container) from reading the checkpoint."""
     for p in folder.rglob("*"):

@@ -35,6 +35,7 @@ from ip2p.conditioning import (
     vae_scaling_factor,
 )
 from ip2p.config import Config
+from ip2p.export import chmod_tree
 from ip2p.models import expand_conv_in, load_components, vae_downsampling
 from ip2p.sampling import trained_scheduler_config
 
@@ -511,6 +512,7 @@ class Trainer:
                      "data_step": self.global_step * self.cfg.train.gradient_accumulation,
                      "ip2p_version": ip2p.__version__}
             (tmp / "ip2p_state.json").write_text(json.dumps(state, indent=2))
+            chmod_tree(tmp, (tmp / "ip2p_state.json").stat().st_mode & 0o777)  # safetensors writes owner-only files
             if final.exists():  # (a resumed run saving a step again) moved aside, so a kill never leaves it torn
                 old = root / f".old-step-{self.global_step:06d}"
                 os.replace(final, old)

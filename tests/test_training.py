@@ -531,6 +531,10 @@ def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path, data_dir):
     assert train.main(overrides(out, data_dir, "train.checkpoint_every=1", "train.max_steps=3",
                                 "train.checkpoints_total_limit=1", f"resume={older}")) == 0
     assert [s for s, _ in list_checkpoints(out)] == [3]
+    # Every file is as readable as the umask allows (safetensors alone writes its weights owner-only).
+    folder = list_checkpoints(out)[0][1]
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert set(modes.values()) == {modes["ip2p_state.json"]}, modes
 
 
 def test_unusable_data_and_validation_images_fail_before_training(tmp_path, data_dir, caplog):
