@@ -236,9 +236,19 @@ def run(args: argparse.Namespace) -> int:
                     resolution=args.resolution, multiple=multiple, dtype=str(dtype).removeprefix("torch."),
                     scale_source_latent=model.scale_source_latent, ip2p_version=ip2p.__version__)
     progress = tqdm(jobs, desc="images", disable=args.quiet or len(jobs) == 1)
+    unreadable: dict[Path, str] = {}  # a bad input among several is skipped, so the others' edits are still made
     for job in progress:
-        source = img.load_image(job.image_path, max_pixels=args.max_pixels)
-        resized = img.resize_for_model(source, args.resolution, multiple, max_pixels=args.max_pixels)
+        if job.image_path in unreadable:
+            continue
+        try:
+            source = img.load_image(job.image_path, max_pixels=args.max_pixels)
+            resized = img.resize_for_model(source, args.resolution, multiple, max_pixels=args.max_pixels)
+        except ValueError as e:  # ImageError, or a --resolution too large for this image
+            if len(paths) == 1:
+                raise
+            unreadable[job.image_path] = str(e)
+            logger.error("skipped %s: %s", job.image_path, e)
+            continue
         batch = img.images_to_batch([resized])
 
         def run_edit(s_t: float, s_i: float, n: int) -> list:
@@ -264,8 +274,13 @@ def run(args: argparse.Namespace) -> int:
                                                             args.num_images), job.outputs)):
             _write(result, out_path, dict(record, text_guidance=args.text_guidance,
                                           image_guidance=args.image_guidance, num_images=args.num_images, index=k))
-    logger.info("wrote %d file(s): %s", sum(len(j.outputs) for j in jobs),
+    written = sum(len(j.outputs) for j in jobs if j.image_path not in unreadable)
+    logger.info("wrote %d file(s): %s", written,
                 jobs[0].outputs[0] if len(jobs) == 1 else Path(jobs[0].outputs[0]).parent)
+    if unreadable:
+        logger.error("error: skipped %d of %d input images that could not be used: %s", len(unreadable), len(paths),
+                     ", ".join(str(p) for p in unreadable))
+        return 2
     return 0
 
 

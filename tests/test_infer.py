@@ -182,3 +182,16 @@ def test_infer_instructions_file_that_is_not_text_names_the_file(photo, tmp_path
     assert rc == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors and f"--instructions-file {bad} is not UTF-8 text" in errors[-1]
+
+
+def test_infer_skips_an_unreadable_input_among_several_and_says_so(tiny_editor_dir, photo, tmp_path, caplog):
+    (tmp_path / "in").mkdir()
+    Image.open(photo).save(tmp_path / "in" / "a.png")
+    (tmp_path / "in" / "b.png").write_bytes(Image.open(photo).tobytes()[:100])  # not an image file
+    Image.open(photo).save(tmp_path / "in" / "c.png")
+    rc = infer.main(["--checkpoint", str(tiny_editor_dir), "--image", str(tmp_path / "in"), "--instruction", "x",
+                     "--output", str(tmp_path / "edits"), "--steps", "1", "--resolution", "16", "--quiet"])
+    assert rc == 2  # scripts notice, and the good inputs' edits are there
+    assert sorted(p.name for p in (tmp_path / "edits").glob("*.png")) == ["a_000_0.png", "c_000_0.png"]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(str(tmp_path / "in" / "b.png") in e and "skipped 1 of 3" in e for e in errors)
