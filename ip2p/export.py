@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ip2p import __version__
-from ip2p.models import IP2P_META_FILE
+from ip2p.models import IP2P_META_FILE, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -433,7 +433,7 @@ def load_single_file(path: str | os.PathLike, *, config_dir: str | None = None, 
     try:
         _check_keys_present(checkpoint, path, source, in_channels, local_only)
     except OSError as e:  # the first read of the config: a hub id that cannot be reached or lacks it
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise FileNotFoundError(f"could not read the architecture of {path} from {source!r} ({first}); pass "
                                 "--config-dir, a local diffusers folder of the model family the file was trained "
                                 "from") from e
@@ -452,7 +452,7 @@ def load_single_file(path: str | os.PathLike, *, config_dir: str | None = None, 
             checkpoint, config=source, subfolder="vae", torch_dtype=torch_dtype, local_files_only=local_only)
         loaded["text_encoder"] = _load_text_encoder(checkpoint, source, torch_dtype, local_only)
     except (ValueError, RuntimeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ValueError(f"{path} does not fit the architecture in config_dir={source!r} ({first}); pass the "
                          "--config-dir of the model family the file was trained from") from e
     for name, model in loaded.items():

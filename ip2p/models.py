@@ -109,6 +109,12 @@ def read_ip2p_meta(folder: str | os.PathLike) -> dict:
         raise ValueError(f"{path} is not valid JSON ({e}); delete it or restore it from the checkpoint") from e
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (diffusers' and hub errors run over several), or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _load_folder(source: str, torch_dtype: torch.dtype | None) -> dict:
     """Components from a diffusers folder or hub id (one code path: diffusers resolves both)."""
     import diffusers
@@ -137,7 +143,7 @@ def _load_folder(source: str, torch_dtype: torch.dtype | None) -> dict:
         }
     except (OSError, EnvironmentError) as e:
         if local.exists():
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise ValueError(f"checkpoint folder {source!r} is incomplete or damaged ({first}); re-export or "
                              "re-download it") from e
         raise FileNotFoundError(
