@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -46,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ip2p import atomic
 from ip2p.scene_clip import TextPretraining
 
 logger = logging.getLogger(__name__)
@@ -317,9 +317,8 @@ def _save_weights(module: torch.nn.Module, path: str | os.PathLike, header: dict
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to(dtype).cpu().contiguous() for k, v in module.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={k: json.dumps(v, default=list) for k, v in header.items()})
-    os.replace(tmp, path)
+    with atomic.writing_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: json.dumps(v, default=list) for k, v in header.items()})
     return path
 
 
@@ -825,16 +824,9 @@ def build_base(out_dir: str | os.PathLike, spec: BaseSpec = BaseSpec(), *, cache
         meta["text_report"] = text_report
     meta["params"] = {name: sum(p.numel() for p in module.parameters())
                       for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic.writing_folder(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / BASE_META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("wrote the base model to %s (UNet %.2fM, VAE %.2fM, text encoder %.2fM parameters)", out,
                 *(meta["params"][k] / 1e6 for k in ("unet", "vae", "text_encoder")))
     return out

@@ -400,11 +400,9 @@ def dump(cfg: Config) -> str:
 
 def save(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dump(cfg), encoding="utf-8")
-    os.replace(tmp, path)
+    from ip2p import atomic
+
+    atomic.write_text(path, dump(cfg))
 
 
 def reference() -> list[tuple[str, str, str]]:

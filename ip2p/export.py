@@ -9,7 +9,7 @@
   original layout cannot express is refused with a ValueError pointing at the folder format.
 
 Both writers are atomic: they write beside the target and rename into place, so a killed save never leaves a broken
-checkpoint at the target path (at worst a hidden ``.<name>.tmp-*`` sibling to delete).
+checkpoint at the target path (``ip2p.atomic``; the next save cleans up what a killed one left).
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -28,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ip2p import __version__
+from ip2p import __version__, atomic
 from ip2p.models import IP2P_META_FILE, first_line
 
 logger = logging.getLogger(__name__)
@@ -60,11 +58,7 @@ def save_pipeline_folder(components: Any, out_dir: str | os.PathLike, *,
     out = Path(out_dir)
     _check_replaceable_folder(out)
     meta_json = json.dumps(_ip2p_meta(components, ip2p_metadata), indent=2, sort_keys=True, default=_json_default)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir honours the umask (tempfile.mkdtemp would leave the published folder readable by its owner only).
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic.writing_folder(out) as tmp:
         pipe = StableDiffusionInstructPix2PixPipeline(
             vae=_plain(components.vae), text_encoder=_plain(components.text_encoder), tokenizer=components.tokenizer,
             unet=_plain(components.unet), scheduler=components.scheduler,
@@ -72,12 +66,6 @@ def save_pipeline_folder(components: Any, out_dir: str | os.PathLike, *,
         )
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / IP2P_META_FILE).write_text(meta_json)
-        chmod_tree(tmp, (tmp / IP2P_META_FILE).stat().st_mode & 0o777)  # the umask's mode, as our own file got
-        _fsync_tree(tmp)
-        _swap_in_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("saved diffusers pipeline folder %s", out)
     return out
 
@@ -93,25 +81,6 @@ def _check_replaceable_folder(out: Path) -> None:
             f"out_dir={str(out)!r} exists and is not a diffusers pipeline folder (no model_index.json); refusing to "
             "replace it: pass a new or empty folder"
         )
-
-
-def _swap_in_folder(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; an existing ``target`` is moved aside first and deleted only afterwards.
-
-    A kill between the two renames leaves no folder at ``target`` (never a half-written one) and the previous
-    checkpoint intact at ``.<name>.old-*`` beside it.
-    """
-    if not target.exists():
-        os.rename(new, target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(target, old)
-    try:
-        os.rename(new, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- original (LDM) single file: saving -----------------------------------------------------------------------------
@@ -143,19 +112,8 @@ def save_single_file(components: Any, path: str | os.PathLike, *, ip2p_metadata:
         "scale_source_latent": json.dumps(meta["scale_source_latent"]),
         "ip2p_config": json.dumps(meta["ip2p_config"], sort_keys=True, default=_json_default),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    # os.open with 0o666 honours the umask, unlike tempfile.mkstemp's 0o600: other users and tools can read the file.
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    mode = tmp.stat().st_mode & 0o777
-    try:
+    with atomic.writing_file(path) as tmp:
         save_file(tensors, tmp, metadata=header)
-        os.chmod(tmp, mode)  # safetensors replaces the file with an owner-only one
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     logger.info("saved single-file checkpoint %s (%d tensors)", path, len(tensors))
     return path
 
@@ -680,23 +638,3 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (set, tuple)):
         return list(value)
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def chmod_tree(folder: Path, mode: int) -> None:
-    """Give every file under ``folder`` ``mode``: safetensors writes weights owner-only (0o600), which would keep other
-    users and tools (a shared ComfyUI server, a container) from reading the checkpoint."""
-    for p in folder.rglob("*"):
-        if p.is_file():
-            os.chmod(p, mode)
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush the new folder's files so the rename never publishes data still in the page cache."""
-    for p in folder.rglob("*"):
-        if p.is_file():
-            _fsync(p)

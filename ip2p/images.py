@@ -14,12 +14,13 @@ import math
 import os
 import pathlib
 import re
-import secrets
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+
+from ip2p import atomic
 
 logger = logging.getLogger(__name__)
 
@@ -326,21 +327,9 @@ def save_image(image: Image.Image, path: str | os.PathLike) -> None:
         options["quality"] = 95  # PIL's default 75 visibly damages edits
     elif fmt == "WEBP":
         options["quality"] = 95
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder as the target so os.replace is a rename on one filesystem; hidden and unique so readers
-    # scanning the folder (expand_image_paths) and concurrent writers never see it.
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        # os.open with 0o666 honours the umask, unlike tempfile.mkstemp's 0o600.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format=fmt, **options)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # The temporary file is hidden, so readers scanning the folder (expand_image_paths) never see it.
+    with atomic.writing_file(path) as tmp, open(tmp, "wb") as handle:
+        image.save(handle, format=fmt, **options)
     logger.debug("saved %s (%dx%d %s)", path, image.width, image.height, fmt)
 
 

@@ -56,7 +56,6 @@ import math
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -64,6 +63,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from ip2p import atomic
 
 logger = logging.getLogger(__name__)
 
@@ -984,27 +985,6 @@ def _dataset_card(files: Mapping[str, Sequence[str]], params: Mapping[str, Any])
     return "\n".join(lines)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    """Delete leftovers of killed writers (``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` whose PID is gone)."""
-    if not out.parent.is_dir():
-        return
-    for kind in ("tmp", "old"):
-        for path in out.parent.glob(f".{out.name}.{kind}-*"):
-            pid_text = path.name[len(f".{out.name}.{kind}-") :].split("-", 1)[0]
-            if pid_text.isdigit() and not _pid_alive(int(pid_text)):
-                shutil.rmtree(path, ignore_errors=True)
-
-
 def write_dataset(
     out_dir: str | os.PathLike[str],
     n_train: int,
@@ -1033,7 +1013,7 @@ def write_dataset(
     heldout = _normalise_heldout(heldout_combinations)
     params = _dataset_params(n_train, n_test, seed, size, heldout, rows_per_shard)
     out = Path(out_dir)
-    _remove_stale_temporaries(out)
+    atomic.remove_stale(out)
     if out.exists():
         if not out.is_dir() or (_read_info(out) is None and any(out.iterdir())):
             raise FileExistsError(
@@ -1049,7 +1029,7 @@ def write_dataset(
 
     features = _features()
     counts = {"train": n_train, "test_heldout_combinations": n_test, "test_heldout_phrasings": n_test}
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = atomic.sibling(out)
     try:
         (tmp / "data").mkdir(parents=True)
         files: dict[str, list[str]] = {}
@@ -1084,7 +1064,7 @@ def _install(tmp: Path, out: Path, params: Mapping[str, Any]) -> None:
     whole."""
     old = None
     if out.exists() and any(out.iterdir()):
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        old = atomic.sibling(out, "old")
         os.rename(out, old)
     try:
         os.rename(tmp, out)  # an empty ``out`` folder is replaced too (POSIX rename semantics)

@@ -35,7 +35,7 @@ from ip2p.conditioning import (
     vae_scaling_factor,
 )
 from ip2p.config import Config
-from ip2p.export import chmod_tree
+from ip2p.atomic import chmod_tree
 from ip2p.models import expand_conv_in, load_components, vae_downsampling
 from ip2p.sampling import trained_scheduler_config
 

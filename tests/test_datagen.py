@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from ip2p import atomic
 from ip2p.datagen.config import FilterConfig, TextConfig
 from ip2p.datagen.filter import passes, select
 from ip2p.datagen.shards import Shard, shard_from_env, sharded_path
@@ -365,10 +366,8 @@ def test_writer_resume_drops_uncommitted_files_and_refuses_other_settings(tmp_pa
     writer.commit()
     writer.add_pair(pairs[1], _samples(pairs[1], 2), tried=2)
     # Simulate a kill between the parquet write and the manifest update: the file exists, the manifest lacks it.
-    from ip2p.datagen.shards import atomic_write_bytes
-
     orphan = out / "data" / "train-00000-of-00001-00001.parquet"
-    atomic_write_bytes(orphan, writer._parquet_bytes(writer._rows))
+    atomic.write_bytes(orphan, writer._parquet_bytes(writer._rows))
     del writer
     resumed = DatasetWriter(out, rows_per_file=100, settings={"steps": 10})
     assert not orphan.exists()

@@ -1,4 +1,4 @@
-"""Which items a process owns, and writing files so that a kill never leaves a half-written one.
+"""Which items a process owns (files are written with ``ip2p.atomic``, so a kill never leaves a half-written one).
 
 Work is split by item id: item ``i`` belongs to shard ``i % count``. The split depends only on the ids, so every
 process computes it alone (no communication), and two runs with the same shard count agree on it.
@@ -6,12 +6,11 @@ process computes it alone (no communication), and two runs with the same shard c
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Shard", "atomic_write_bytes", "atomic_write_json", "shard_from_env", "sharded_path"]
+__all__ = ["Shard", "shard_from_env", "sharded_path"]
 
 
 @dataclass(frozen=True)
@@ -63,22 +62,3 @@ def sharded_path(path: str | os.PathLike, shard: Shard) -> Path:
     if shard.count == 1:
         return path
     return path.with_name(f"{path.stem}.shard-{shard.tag}{path.suffix}")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers (and a resumed run) see the old file or the new one, never half.
-
-    The bytes go to a temporary file in the same folder, are flushed to disk, then ``os.replace``d over ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | os.PathLike, value: object) -> None:
-    atomic_write_bytes(path, json.dumps(value, ensure_ascii=False).encode("utf-8"))

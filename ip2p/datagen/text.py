@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 
+from ip2p import atomic
 from ip2p.data.seeding import mix_seed
 from ip2p.datagen.config import TextConfig
-from ip2p.datagen.shards import Shard, atomic_write_json
+from ip2p.datagen.shards import Shard
 
 logger = logging.getLogger(__name__)
 
@@ -367,7 +368,7 @@ def run_text_stage(captions: Sequence[str], out_path: str | os.PathLike, generat
             state["kept"] += sum(r.reason == "ok" for r in results)
             dropped.update(r.reason for r in results if r.reason != "ok")
             state.update(done=start + len(batch), bytes=os.fstat(handle.fileno()).st_size, dropped=dict(dropped))
-            atomic_write_json(progress_file, state)
+            atomic.write_json(progress_file, state, ensure_ascii=False)
             bar.update(len(batch))
             bar.set_postfix(kept=state["kept"], tried=state["done"])
     bar.close()

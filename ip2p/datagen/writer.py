@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ip2p.datagen.shards import Shard, atomic_write_bytes, atomic_write_json
+from ip2p import atomic
+from ip2p.datagen.shards import Shard
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ class DatasetWriter:
         manifest = dict(self.manifest)
         if self.parquet and self._rows:
             name = f"train-{self.shard.tag}-{len(manifest['files']):05d}.parquet"
-            atomic_write_bytes(self.out / DATA_DIR / name, self._parquet_bytes(self._rows))
+            atomic.write_bytes(self.out / DATA_DIR / name, self._parquet_bytes(self._rows))
             manifest["files"] = manifest["files"] + [name]
         manifest["done"] = manifest["done"] + [pair.id for pair, _, _ in self._pending]
         manifest["tried"] = self.tried
@@ -221,7 +222,7 @@ class DatasetWriter:
         if self.seeds:
             manifest["seeds"] = manifest["seeds"] + [[_pair_dir(pair), [s.seed for s in samples]]
                                                      for pair, _, samples in self._pending if samples]
-        atomic_write_json(self.manifest_path, manifest)
+        atomic.write_json(self.manifest_path, manifest, ensure_ascii=False)
         self.manifest = manifest
         self._pending, self._rows = [], []
         self._last_commit = time.monotonic()
@@ -280,7 +281,8 @@ class DatasetWriter:
         self.out.mkdir(parents=True, exist_ok=True)
         with _locked(self.out / PROGRESS_DIR / "seeds.lock"):
             entries = sorted(tuple(entry) for m in read_manifests(self.out) for entry in m.get("seeds", []))
-            atomic_write_json(self.out / "seeds.json", [[folder, list(seeds)] for folder, seeds in entries])
+            atomic.write_json(self.out / "seeds.json", [[folder, list(seeds)] for folder, seeds in entries],
+                              ensure_ascii=False)
 
 
 def _pair_dir(pair: Pair) -> str:

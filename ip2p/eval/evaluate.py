@@ -239,11 +239,6 @@ def sampling_settings(*, steps: int, text_guidance: float, image_guidance: float
 
 def write_json(data: Any, path: str | os.PathLike) -> Path:
     """Write ``data`` as indented JSON atomically; returns the path."""
-    import json
+    from ip2p import atomic
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic.write_json(path, data, indent=2, sort_keys=False)
