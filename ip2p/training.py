@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 import ip2p
 from ip2p import config as cfgmod
+from ip2p.atomic import chmod_tree
 from ip2p.conditioning import (
     apply_dropout,
     dropout_masks,
@@ -35,7 +36,6 @@ from ip2p.conditioning import (
     vae_scaling_factor,
 )
 from ip2p.config import Config
-from ip2p.atomic import chmod_tree
 from ip2p.models import expand_conv_in, load_components, vae_downsampling
 from ip2p.sampling import trained_scheduler_config
 
