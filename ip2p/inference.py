@@ -218,6 +218,9 @@ def run(args: argparse.Namespace) -> int:
     _make_output_folders(jobs)
     device = resolve_device(args.device)
     dtype = DTYPES["fp16" if device.type != "cpu" else "fp32"] if args.dtype == "auto" else DTYPES[args.dtype]
+    if device.type == "cpu" and dtype == torch.float16:
+        logger.warning("--dtype fp16 on the CPU is many times slower than fp32 (CPUs lack half-precision kernels "
+                       "for most of the UNet); leave --dtype auto for fp32")
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     if args.seed is None:
         logger.info("seed: %d (pass --seed %d to reproduce)", seed, seed)

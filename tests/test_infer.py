@@ -195,3 +195,13 @@ def test_infer_skips_an_unreadable_input_among_several_and_says_so(tiny_editor_d
     assert sorted(p.name for p in (tmp_path / "edits").glob("*.png")) == ["a_000_0.png", "c_000_0.png"]
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any(str(tmp_path / "in" / "b.png") in e and "skipped 1 of 3" in e for e in errors)
+
+
+def test_infer_warns_that_fp16_on_the_cpu_is_slow(tiny_editor_dir, photo, tmp_path, caplog):
+    args = ["--checkpoint", str(tiny_editor_dir), "--image", str(photo), "--instruction", "make it winter",
+            "--steps", "1", "--resolution", "32", "--device", "cpu", "--quiet"]
+    assert infer.main([*args, "--output", str(tmp_path / "a.png")]) == 0
+    assert "slower than fp32" not in caplog.text  # auto is fp32 on the CPU
+    assert infer.main([*args, "--output", str(tmp_path / "b.png"), "--dtype", "fp16"]) == 0
+    assert "--dtype fp16 on the CPU is many times slower than fp32" in caplog.text
+    assert json.loads((tmp_path / "b.json").read_text())["dtype"] == "float16"
