@@ -94,8 +94,11 @@ def remove_stale(path: str | os.PathLike) -> None:
             else:
                 _delete(found)
     if restorable:
-        newest = max(restorable, key=lambda p: p.stat().st_mtime)
-        os.rename(newest, path)
+        try:
+            newest = max(restorable, key=lambda p: p.stat().st_mtime)
+            os.rename(newest, path)
+        except OSError:  # another process cleaning up at the same moment got there first
+            return
         logger.warning("restored %s from %s: a save was killed after moving it aside", path, newest.name)
         for found in restorable:
             if found != newest:
