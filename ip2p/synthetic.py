@@ -1070,10 +1070,12 @@ def _install(tmp: Path, out: Path, params: Mapping[str, Any]) -> None:
         os.rename(tmp, out)  # an empty ``out`` folder is replaced too (POSIX rename semantics)
     except OSError:
         if not _is_complete(out, params):  # a concurrent writer of the same parameters may have won the race
+            if old is not None and not os.path.lexists(out):
+                os.rename(old, out)  # the previous dataset goes back: a failed write loses nothing
+                old = None
             raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------------------- CLI

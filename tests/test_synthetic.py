@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -294,6 +295,26 @@ def test_writer_is_atomic_when_killed(tmp_path, monkeypatch):
     monkeypatch.setattr(syn.EditExample, "to_row", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         _write(out, seed=9)  # a failed regeneration leaves the old dataset whole
+    assert (out / syn.PARAMS_FILE).read_text() == old_params
+    assert all(f.is_file() for fs in syn.dataset_files(out).values() for f in fs)
+    assert [p.name for p in tmp_path.iterdir()] == ["syn"]
+
+
+def test_a_failed_install_puts_the_previous_dataset_back(tmp_path, monkeypatch):
+    out = tmp_path / "syn"
+    _write(out)
+    old_params = (out / syn.PARAMS_FILE).read_text()
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if Path(src).name.startswith(".syn.tmp-"):  # the old dataset is already aside; the new one fails to move in
+            raise OSError("rename failed")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(syn.os, "rename", rename)
+    with pytest.raises(OSError, match="rename failed"):
+        _write(out, seed=9)
+    monkeypatch.undo()
     assert (out / syn.PARAMS_FILE).read_text() == old_params
     assert all(f.is_file() for fs in syn.dataset_files(out).values() for f in fs)
     assert [p.name for p in tmp_path.iterdir()] == ["syn"]
