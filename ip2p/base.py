@@ -797,6 +797,11 @@ def build_base(out_dir: str | os.PathLike, spec: BaseSpec = BaseSpec(), *, cache
     out = Path(out_dir)
     meta = {"spec": spec.to_dict()}
     meta_path = out / BASE_META_FILE
+    if out.is_dir() and any(out.iterdir()) and not meta_path.is_file():  # never replace what is not a base
+        raise ValueError(f"out_dir={str(out)!r} exists and is not an ip2p base folder (no {BASE_META_FILE}); "
+                         "refusing to replace it: pass a new or empty folder")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir={str(out)!r} is an existing file; pass a folder path for the base model")
     if not force and meta_path.is_file():
         try:
             if json.loads(meta_path.read_text()).get("spec") == meta["spec"]:

@@ -91,6 +91,12 @@ def test_build_base_is_cached_and_checked(tmp_path):
     assert base.build_base(out, spec, progress=False) == out  # same spec: kept
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
     assert base.read_base_meta(out)["spec"] == spec.to_dict()
+    precious = tmp_path / "project"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="is not an ip2p base folder"):  # never replaced, whatever the flags
+        base.build_base(precious, spec, progress=False, force=True)
+    assert [p.name for p in precious.iterdir()] == ["notes.txt"]
     with pytest.raises(ValueError, match="one flag per level"):
         base.make_unet(base.UNetSpec(block_out_channels=(32, 64), attention=(True,)), 16, 32, 16)
 
