@@ -144,15 +144,18 @@ def swap_in(new: str | os.PathLike, target: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def writing_file(path: str | os.PathLike) -> Iterator[Path]:
+def writing_file(path: str | os.PathLike, *, clean: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write ``path``'s new content to; on success it replaces ``path`` atomically.
 
     The temporary file already exists (empty, with the umask's mode) when the body runs; a writer may also replace it.
     On an exception (or a kill's KeyboardInterrupt/SystemExit) it is deleted and ``path`` is left as it was.
+    ``clean=False`` skips :func:`remove_stale`, which lists the folder: for many small files written once each into
+    one folder (edited images), where that listing would make writing them all quadratic.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(path)
+    if clean:
+        remove_stale(path)
     tmp = sibling(path)
     # os.open with 0o666 honours the umask, unlike tempfile.mkstemp's 0o600.
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))

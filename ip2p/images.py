@@ -327,8 +327,9 @@ def save_image(image: Image.Image, path: str | os.PathLike) -> None:
         options["quality"] = 95  # PIL's default 75 visibly damages edits
     elif fmt == "WEBP":
         options["quality"] = 95
-    # The temporary file is hidden, so readers scanning the folder (expand_image_paths) never see it.
-    with atomic.writing_file(path) as tmp, open(tmp, "wb") as handle:
+    # The temporary file is hidden, so readers scanning the folder (expand_image_paths) never see it. No clean-up
+    # of killed writers' files: infer.py writes thousands of images into one folder, each once.
+    with atomic.writing_file(path, clean=False) as tmp, open(tmp, "wb") as handle:
         image.save(handle, format=fmt, **options)
     logger.debug("saved %s (%dx%d %s)", path, image.width, image.height, fmt)
 
