@@ -81,6 +81,10 @@ class DataConfig:
 class TrainConfig:
     max_steps: int = 10000
     """Optimizer steps."""
+    max_minutes: float = 0.0
+    """Wall-clock budget of this run's training loop in minutes (0: none). At the first step past it, training ends as
+    at max_steps: a checkpoint, then the final export. The learning-rate schedule still runs over max_steps, so set
+    max_steps to about what the budget reaches; a resumed run gets a new budget."""
     batch_size: int = 4
     """Examples per process per micro-step; global batch = batch_size x processes x gradient_accumulation."""
     gradient_accumulation: int = 1
@@ -184,7 +188,7 @@ _CHOICES = {
 
 # Smallest allowed value of each numeric key that has one (0 means "disabled" where the key's doc says so).
 _MINIMUM = {
-    "train.max_steps": 1, "train.batch_size": 1, "train.gradient_accumulation": 1, "train.log_every": 1,
+    "train.max_steps": 1, "train.max_minutes": 0, "train.batch_size": 1, "train.gradient_accumulation": 1, "train.log_every": 1,
     "train.lr_warmup_steps": 0, "train.checkpoint_every": 0, "train.checkpoints_total_limit": 0,
     "train.weight_decay": 0, "train.max_grad_norm": 0, "train.snr_gamma": 0, "train.noise_offset": 0,
     "data.resolution": 8, "data.num_workers": 0, "validation.every": 0, "validation.steps": 1,

@@ -139,7 +139,7 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
     from ip2p.eval.evaluate import load_examples, run_edits, sampling_settings, score_edits, write_json
     from ip2p.eval.sweep import guidance_sweep, plot_sweep, write_table
     from ip2p.images import save_image
-    from ip2p.models import load_editor
+    from ip2p.models import load_editor, read_ip2p_meta
     from ip2p.sampling import default_scheduler
     from ip2p.training import train
 
@@ -172,6 +172,11 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
     logger.info("3/6 training (%s: %d steps of %d) -> %s", config_path, cfg.train.max_steps, cfg.train.batch_size,
                 out / "final")
     final = train(cfg)
+    steps = read_ip2p_meta(final).get("ip2p_config", {}).get("step", cfg.train.max_steps)
+    if steps < cfg.train.max_steps:
+        logger.warning("training stopped at step %d of %d: train.max_minutes=%g (this machine is slower than the "
+                       "one the demo was sized on); the numbers below are for %d steps", steps, cfg.train.max_steps,
+                       cfg.train.max_minutes, steps)
     t = lap("train", t)
 
     model = load_editor(final, expand=False, device=device)
@@ -214,8 +219,9 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
         "sweep": {"file": "sweep.json", "examples": len(sweep_examples), **sampling_settings(**sweep_sampling)},
         "base": {"vae": base_meta.get("vae_report", {}), "params": base_meta.get("params", {}),
                  "spec": base_meta.get("spec", {})},
-        "training": {"config": str(config_path), "max_steps": cfg.train.max_steps,
-                     "batch_size": cfg.train.batch_size, "samples": cfg.train.max_steps * cfg.train.batch_size,
+        "training": {"config": str(config_path), "steps": steps, "max_steps": cfg.train.max_steps,
+                     "max_minutes": cfg.train.max_minutes, "batch_size": cfg.train.batch_size,
+                     "samples": steps * cfg.train.batch_size,
                      "n_train": settings.n_train, "prediction_type": cfg.model.prediction_type,
                      "zero_terminal_snr": cfg.model.zero_terminal_snr},
         "timings": timings,

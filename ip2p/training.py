@@ -702,7 +702,11 @@ class Trainer:
                     window.clear()
                 if cfg.validation.every and self.global_step % cfg.validation.every == 0:
                     self.validate()
-                stop = self._preempted(preempt)
+                stop, out_of_time = self._stop_flags(preempt, elapsed)
+                if out_of_time and self.global_step < cfg.train.max_steps:
+                    logger.warning("train.max_minutes=%g reached at step %d of %d; saving and exporting",
+                                   cfg.train.max_minutes, self.global_step, cfg.train.max_steps)
+                    break
                 if stop or (cfg.train.checkpoint_every and self.global_step % cfg.train.checkpoint_every == 0):
                     self.save_checkpoint()
                 if stop:
@@ -720,11 +724,14 @@ class Trainer:
         acc.end_training()
         return final
 
-    def _preempted(self, preempt: _Preemption) -> bool:
-        flag = torch.tensor(float(preempt.requested), device=self.accelerator.device)
+    def _stop_flags(self, preempt: _Preemption, elapsed: float) -> tuple[bool, bool]:
+        """(SIGTERM received, train.max_minutes spent), on any process: every process stops at the same step."""
+        budget = self.cfg.train.max_minutes
+        flags = torch.tensor([float(preempt.requested), float(bool(budget) and elapsed >= budget * 60)],
+                             device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, reduction="sum")
-        return bool(flag.item() > 0)
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        return bool(flags[0].item() > 0), bool(flags[1].item() > 0)
 
 
 def train(cfg: Config) -> Path:

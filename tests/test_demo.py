@@ -43,7 +43,9 @@ def test_quick_demo_metrics_structure(quick_run):
     assert metrics["settings"]["scheduler"] == "euler"  # the default sampler for an x0 model
     assert set(metrics["timings"]) == {"data", "base", "train", "evaluate", "grid", "sweep"}
     assert metrics["base"]["vae"]["psnr"] > 30  # the shipped VAE's held-out reconstruction quality
-    assert metrics["training"]["max_steps"] == load_config(demo.CONFIGS / "demo-quick.yaml").train.max_steps
+    quick_cfg = load_config(demo.CONFIGS / "demo-quick.yaml")
+    assert metrics["training"]["max_steps"] == metrics["training"]["steps"] == quick_cfg.train.max_steps
+    assert metrics["training"]["samples"] == quick_cfg.train.max_steps * quick_cfg.train.batch_size
     sweep = json.loads((quick_run / "sweep.json").read_text())
     quick = demo.DEMOS["quick"]
     assert len(sweep) == len(quick.image_scales) + len(quick.text_scales)
@@ -56,6 +58,9 @@ def test_demo_configs_load():
         assert not cfg.data.random_flip and not cfg.data.random_crop and cfg.data.resolution == 64
         # x0 prediction on a zero-terminal-SNR schedule: see docs/demo.md for the measurements behind both.
         assert cfg.model.prediction_type == "sample" and cfg.model.zero_terminal_snr
+    # The full demo must end within 15 minutes: on a slower machine its training stops at a wall-clock budget
+    # that leaves room for data, base, evaluation and the sweep (docs/demo.md).
+    assert 0 < load_config(demo.CONFIGS / "demo.yaml").train.max_minutes <= 11
 
 
 def test_shipped_vae_matches_the_default_spec():

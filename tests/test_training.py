@@ -291,6 +291,17 @@ def test_bad_config_and_missing_data_are_clear_errors(tmp_path, caplog):
     assert "no-such-data" in caplog.text
 
 
+def test_max_minutes_stops_early_and_still_saves_and_exports(tmp_path, data_dir, caplog):
+    out = tmp_path / "run"
+    # A budget already spent after the first step: the run ends there, as it would at max_steps.
+    assert train.main(overrides(out, data_dir, "train.max_steps=50", "train.max_minutes=1e-9")) == 0
+    assert [s for s, _ in list_checkpoints(out)] == [1]
+    assert (out / "final" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert "train.max_minutes=1e-09 reached at step 1 of 50" in caplog.text
+    assert load_config(out / "config.yaml").train.max_minutes == pytest.approx(1e-9)
+    assert train.main(overrides(tmp_path / "bad", data_dir, "train.max_minutes=-1")) == 2
+
+
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, data_dir):
     full = tmp_path / "full"
     assert train.main(overrides(full, data_dir, "train.max_steps=4")) == 0
