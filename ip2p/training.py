@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import ip2p
 from ip2p import config as cfgmod
-from ip2p.atomic import chmod_tree
+from ip2p.atomic import chmod_tree, remove_stale, swap_in
 from ip2p.conditioning import (
     apply_dropout,
     dropout_masks,
@@ -164,6 +164,18 @@ def per_example_mse(pred: torch.Tensor, target: torch.Tensor, pixel_weights: tor
 
 def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / "checkpoints"
+
+
+def recover_checkpoints(output_dir: str | os.PathLike) -> None:
+    """Delete what killed saves and prunes left (``.tmp-step-*``, ``.del-step-*``) and put back a checkpoint that a
+    killed save had moved aside to replace it (``.step-NNNNNN.old-*``: a resumed run saving a step again, killed
+    between the two renames). Run by the main process before resuming and before each save."""
+    root = checkpoint_dir(output_dir)
+    if root.is_dir():
+        for stale in root.glob(".*-step-*"):  # left by a save or a prune that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        for moved in root.glob(".step-*.old-*"):
+            remove_stale(root / moved.name[1:].split(".old-")[0])
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -501,8 +513,7 @@ class Trainer:
         tmp = root / f".tmp-step-{self.global_step:06d}"
         if self.is_main:
             root.mkdir(parents=True, exist_ok=True)
-            for stale in root.glob(".*-step-*"):  # left by a save or a prune that was killed
-                shutil.rmtree(stale, ignore_errors=True)
+            recover_checkpoints(self.out)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
         acc.wait_for_everyone()  # every rank writes its RNG state; rename only once all are done
@@ -513,13 +524,9 @@ class Trainer:
                      "ip2p_version": ip2p.__version__}
             (tmp / "ip2p_state.json").write_text(json.dumps(state, indent=2))
             chmod_tree(tmp, (tmp / "ip2p_state.json").stat().st_mode & 0o777)  # safetensors writes owner-only files
-            if final.exists():  # (a resumed run saving a step again) moved aside, so a kill never leaves it torn
-                old = root / f".old-step-{self.global_step:06d}"
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
+            # A resumed run saving a step again replaces it; swap_in moves the old one aside first, so a kill never
+            # leaves it torn, and recover_checkpoints puts it back if the kill came between the two renames.
+            swap_in(tmp, final)
             self._prune(keep=final)
             logger.info("saved checkpoint %s", final)
         acc.wait_for_everyone()
@@ -633,6 +640,9 @@ class Trainer:
     # -- main loop --
     def run(self) -> Path:
         cfg, acc = self.cfg, self.accelerator
+        if self.is_main:
+            recover_checkpoints(self.out)
+        acc.wait_for_everyone()
         resume = resolve_resume(cfg.resume, cfg.output_dir)
         if resume is not None:
             # resume=latest falls back past a damaged newest checkpoint (disk trouble, a hand-edited file).

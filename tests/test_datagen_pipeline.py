@@ -114,7 +114,9 @@ def test_p0_gives_independent_diffusers_samples_of_each_caption_from_the_same_no
 def test_identical_captions_with_full_sharing_give_equal_images_and_seeds_reproduce():
     sampler = PairSampler(_components(), ImageConfig(steps=3, height=16, width=16, batch_size=2))
     a = sampler.sample("a cat on a sofa", "a cat on a sofa", [5, 6], p=1.0)
-    assert torch.equal(a.images_in, a.images_out)
+    # Equal up to float rounding: the two branches are different rows of one batch, and a loaded CPU's kernels may
+    # split rows differently (bit-equality failed once in CI with the cores shared).
+    torch.testing.assert_close(a.images_in, a.images_out, atol=1e-5, rtol=0)
     b = sampler.sample("a cat on a sofa", "a cat on a sofa", [6], p=1.0)
     assert torch.allclose(b.images_in[0], a.images_in[1], atol=1e-5)  # a seed's sample ignores its batch mates
     assert a.p == [1.0, 1.0] and a.cfg_scale == [sample_params(s, sampler.config)[1] for s in (5, 6)]

@@ -1,8 +1,10 @@
 """Training end to end: loss goes down, checkpoints are atomic and resumable, any process count gives the same weights."""
 
 import json
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -342,6 +344,38 @@ def test_sigkill_after_a_checkpoint_then_resume_matches(tmp_path, data_dir):
     assert max_diff(unet_weights(full / "final"), unet_weights(killed / "final")) <= 1e-6
 
 
+_KILL_DURING_SWAP = """
+import os, signal, sys
+import train
+real = os.rename
+def rename(src, dst):
+    real(src, dst)
+    if ".old-" in os.fspath(dst):  # the checkpoint being replaced is aside, the new one not yet in: die here
+        os.kill(os.getpid(), signal.SIGKILL)
+os.rename = rename
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_kill_while_replacing_a_checkpoint_then_resume_restores_it(tmp_path, data_dir, caplog):
+    out = tmp_path / "swap"
+    args = overrides(out, data_dir, "train.max_steps=4", "train.checkpoint_every=2")
+    assert train.main(args) == 0
+    step2 = str(list_checkpoints(out)[0][1])
+    # A run resumed from step 2 saves step 4 again, replacing the one there; it is killed between the two renames.
+    proc = subprocess.run([sys.executable, "-c", _KILL_DURING_SWAP, *args, f"resume={step2}"], env=_env(), cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    assert [s for s, _ in list_checkpoints(out)] == [2]
+    assert list((out / "checkpoints").glob(".step-000004.old-*"))
+    # The next run puts the step-4 checkpoint back and resumes from it: nothing left to train.
+    caplog.set_level(logging.INFO)
+    assert train.main([*args, "resume=latest"]) == 0
+    assert [s for s, _ in list_checkpoints(out)] == [2, 4]
+    assert "restored" in caplog.text and "at step 4" in caplog.text
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, data_dir):
     out = tmp_path / "term"
     args = overrides(out, data_dir, "train.max_steps=100000", "train.checkpoint_every=2",
@@ -382,6 +416,13 @@ def test_interrupted_checkpoint_write_leaves_latest_intact(tmp_path, data_dir, m
     assert (found[-1][1] / "model.safetensors").is_file()
 
 
+def _free_port() -> int:
+    """A port no one listens on now, so that two test runs on one machine do not meet at torchrun's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_two_processes_match_one(tmp_path, data_dir):
     """torchrun with 2 CPU processes (gloo) and half the per-process batch ends with the same weights.
 
@@ -393,7 +434,7 @@ def test_two_processes_match_one(tmp_path, data_dir):
     one = tmp_path / "one"
     assert train.main(overrides(one, data_dir, *common, "train.batch_size=4")) == 0
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            str(ROOT / "train.py"), *overrides(two, data_dir, *common, "train.batch_size=2")]
     result = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
