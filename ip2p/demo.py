@@ -154,6 +154,13 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
         logger.info("%s: %.1f s", name, timings[name])
         return now
 
+    # The training config first, so that a bad override or config file fails before minutes of data and base
+    # (write_dataset and build_base write to exactly these two folders).
+    config_path = Path(config) if config is not None else _config_path(settings.config)
+    cfg = load_config(config_path, [f"output_dir={out}", f"model.pretrained={out / 'base'}",
+                                    f"data.path={out / 'data'}", f"seed={settings.seed}", *settings.overrides,
+                                    *overrides])
+
     t = time.perf_counter()
     logger.info("1/6 data: %d training and 2 x %d test examples -> %s", settings.n_train, settings.n_test, out / "data")
     data = synthetic.write_dataset(out / "data", n_train=settings.n_train, n_test=settings.n_test,
@@ -166,9 +173,6 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
     base_meta = read_base_meta(base)
     t = lap("base", t)
 
-    config_path = Path(config) if config is not None else _config_path(settings.config)
-    cfg = load_config(config_path, [f"output_dir={out}", f"model.pretrained={base}", f"data.path={data}",
-                                    f"seed={settings.seed}", *settings.overrides, *overrides])
     logger.info("3/6 training (%s: %d steps of %d) -> %s", config_path, cfg.train.max_steps, cfg.train.batch_size,
                 out / "final")
     final = train(cfg)

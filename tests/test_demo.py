@@ -51,6 +51,13 @@ def test_quick_demo_metrics_structure(quick_run):
     assert len(sweep) == len(quick.image_scales) + len(quick.text_scales)
 
 
+def test_bad_override_fails_before_data_and_base_are_built(tmp_path, caplog):
+    out = tmp_path / "bad"
+    assert demo.main(["--quick", "--output", str(out), "train.max_minutes=abc"]) == 2
+    assert "train.max_minutes='abc'" in caplog.text
+    assert not (out / "data").exists() and not (out / "base").exists()
+
+
 def test_demo_configs_load():
     for name in ("demo.yaml", "demo-quick.yaml"):
         cfg = load_config(demo.CONFIGS / name)
