@@ -1,5 +1,10 @@
 """Surgery, guidance, condition dropout and the edit loop, checked against diffusers' pipeline."""
 
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import StableDiffusionInstructPix2PixPipeline
@@ -307,3 +312,17 @@ def test_editor_model_is_a_plain_container(editor_and_pipe):
     model, _ = editor_and_pipe
     assert isinstance(model, EditorModel)
     assert model.vae_scale_factor == 2 and model.latent_channels == 4
+
+
+def test_importing_diffusers_pipelines_through_ip2p_prints_no_torchvision_notice():
+    # transformers warns once per image processor that it falls back to the PIL version without torchvision;
+    # ip2p does not use torchvision, so the package drops exactly that notice (a fresh interpreter: warn-once state).
+    code = "import ip2p\nfrom diffusers import StableDiffusionInstructPix2PixPipeline\nimport ip2p.eval.clip\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "requires torchvision" not in out.stderr + out.stdout
+    # The filter is that narrow: other warnings of the same logger still pass.
+    logger = logging.getLogger("transformers.utils.import_utils")
+    record = logger.makeRecord(logger.name, logging.WARNING, __file__, 0, "another notice", None, None)
+    assert all(f.filter(record) for f in logger.filters)
