@@ -74,7 +74,8 @@ class DataConfig:
     """DataLoader worker processes per training process."""
     cache: str = "none"
     """Cache frozen-encoder outputs: none, text (instruction embeddings, in memory), text+latents (also the VAE
-    encodings, in memory and under <output_dir>/cache/; needs fixed preprocessing: one cached view per image)."""
+    encodings, in memory and under <output_dir>/cache/; needs fixed preprocessing: one cached view per image; from the
+    next epoch on, the images of cached records are not decoded again)."""
 
 
 @dataclass

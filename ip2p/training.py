@@ -371,7 +371,8 @@ class Trainer:
         self.vae_scale = vae_downsampling(self.vae)
 
     # -- data --
-    def _batches(self, start_step: int):
+    def _batches(self, start_step: int, cached_records: frozenset[int] = frozenset()):
+        """The data loader from micro-step ``start_step``; ``cached_records`` (in the latent cache) are not decoded."""
         from ip2p.data import AugmentConfig, ColumnMap, EditBatches, make_dataloader, open_records
 
         d = self.cfg.data
@@ -381,7 +382,8 @@ class Trainer:
                                 random_crop=d.random_crop, random_flip=d.random_flip)
         batches = EditBatches(records, batch_size=self.cfg.train.batch_size, rank=self.accelerator.process_index,
                               world_size=self.accelerator.num_processes, seed=self.cfg.seed, augment=augment,
-                              shuffle=d.shuffle, start_step=start_step, num_workers=d.num_workers)
+                              shuffle=d.shuffle, start_step=start_step, num_workers=d.num_workers,
+                              cached_records=cached_records)
         return make_dataloader(batches, num_workers=d.num_workers)
 
     def _encode_instructions(self, instructions: list[str]) -> torch.Tensor:
@@ -668,6 +670,11 @@ class Trainer:
         num_records = data.dataset.records.num_records
         check_valid = min(_NO_VALID_LIMIT, num_records or _NO_VALID_LIMIT)
         seen_valid = False
+        # With every latent cached, decoding the images again each epoch is wasted work on the training process's
+        # critical path: at each new epoch in which the cache has grown, the loader is rebuilt to skip cached records.
+        per_data_step = cfg.train.batch_size * acc.num_processes
+        cache_view = cfg.data.cache == "text+latents" and not cfg.data.streaming and bool(num_records)
+        view_epoch, view_size = (self.global_step * accum * per_data_step // num_records if cache_view else 0), 0
         bar = tqdm(total=cfg.train.max_steps, initial=self.global_step, disable=not self.is_main, desc="training",
                    dynamic_ncols=True)
         started, start_step = time.perf_counter(), self.global_step
@@ -695,6 +702,12 @@ class Trainer:
                     self.ema.step(acc.unwrap_model(self.unet).parameters())
                 self.global_step += 1
                 self.samples_seen += global_batch
+                if cache_view:
+                    epoch = self.global_step * accum * per_data_step // num_records
+                    if epoch > view_epoch and len(self.latent_cache) > view_size:
+                        view_epoch, view_size = epoch, len(self.latent_cache)
+                        data = self._batches(self.global_step * accum, frozenset(self.latent_cache))
+                        loader = iter(data)
                 loss = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {self.global_step}; lower train.lr or use "

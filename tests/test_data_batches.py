@@ -266,3 +266,17 @@ def test_dataloader_workers_leave_sigterm_to_the_training_process(parquet_root, 
         os.kill(worker.pid, signal.SIGTERM)
     time.sleep(0.5)
     assert [first["step"]] + [b["step"] for b in batches] == [0, 1, 2, 3, 4, 5]
+
+
+def test_cached_records_keep_their_instruction_and_skip_their_images(tmp_path):
+    records = _bad_dataset(tmp_path)
+    # 0 and 11 are good, 4 has no instruction, 1 an undecodable image: cached 0 and 4, 1 and 11 not.
+    plain = next(iter(_batches(records, batch_size=12, shuffle=False)))
+    cached = next(iter(_batches(records, batch_size=12, shuffle=False, cached_records={0, 1, 4})))
+    assert cached["instruction"][0] == plain["instruction"][0] != ""
+    assert not cached["source"][0].any() and not cached["target"][0].any() and plain["source"][0].any()
+    assert torch.equal(cached["source"][11], plain["source"][11]) and cached["valid"][11]
+    # A cached record's images are taken as good (the consumer holds them), its instruction is still checked.
+    assert cached["valid"][0] and cached["valid"][1] and not plain["valid"][1]
+    assert not cached["valid"][4] and any(r.startswith("position 4 (record 4): instruction") for r in
+                                          cached["bad_reasons"])

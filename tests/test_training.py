@@ -484,6 +484,27 @@ def test_latent_cache_skips_the_vae_and_changes_nothing(tmp_path, monkeypatch):
         load_config(None, ["data.cache=text+latents"])
 
 
+def test_cached_records_are_not_decoded_again_and_training_is_unchanged(tmp_path, monkeypatch):
+    from ip2p.data import batches as batches_mod
+    from ip2p.synthetic import write_dataset
+
+    small = write_dataset(tmp_path / "small", n_train=8, n_test=1, seed=0, size=32)
+    args = ("data.random_crop=false", "data.random_flip=false", "data.random_resize=[16,16]", "train.max_steps=8",
+            "train.checkpoint_every=0", "data.cache=text+latents")  # 8 steps x batch 4 = four epochs of 8 records
+    decoded = []
+    real = batches_mod.decode_image
+    monkeypatch.setattr(batches_mod, "decode_image", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    assert train.main(overrides(tmp_path / "skip", small, *args)) == 0
+    assert len(decoded) == 16  # source and target of each record in the first epoch only (64 without the skip)
+    # The same run decoding every image every epoch ends with the same weights.
+    real_batches = Trainer._batches
+    monkeypatch.setattr(Trainer, "_batches", lambda self, start, cached=frozenset(): real_batches(self, start))
+    decoded.clear()
+    assert train.main(overrides(tmp_path / "all", small, *args)) == 0
+    assert len(decoded) == 64
+    assert max_diff(unet_weights(tmp_path / "skip" / "final"), unet_weights(tmp_path / "all" / "final")) == 0
+
+
 def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, data_dir):
     # adam_eps: see test_two_processes_match_one.
     common = ("train.max_steps=2", "train.checkpoint_every=0", "train.lr=1e-4", "train.adam_eps=1e-4")

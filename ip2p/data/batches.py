@@ -30,7 +30,7 @@ from __future__ import annotations
 import itertools
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -91,6 +91,8 @@ class EditBatches(IterableDataset):
     `num_workers` is the default for `make_dataloader`; the split follows the actual DataLoader.
     `shuffle_buffer` (streaming with `shuffle` only; 0 or 1 disables it) is the shuffle buffer's size in records.
     Images with a side under `min_image_side` or more than `max_image_pixels` pixels are bad records.
+    `cached_records`: record numbers whose images the consumer already holds in another form (the trainer's VAE
+    latent cache): only their instructions are decoded, their images are zeros, and they count as valid.
     """
 
     def __init__(
@@ -109,8 +111,10 @@ class EditBatches(IterableDataset):
         shuffle_buffer: int = 256,
         min_image_side: int = DEFAULT_MIN_SIDE,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        cached_records: Collection[int] = frozenset(),
     ) -> None:
         super().__init__()
+        self.cached_records = frozenset(cached_records)
         self.batch_size = _positive("batch_size", batch_size)
         self.world_size = _positive("world_size", world_size)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
@@ -252,14 +256,18 @@ class EditBatches(IterableDataset):
 
     # Decoding --------------------------------------------------------------------------------------------
 
-    def _example(self, position: int, raw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, str]:
-        """Decoded and augmented (source (3, R, R), target (3, R, R), instruction), or BadRecord."""
+    @staticmethod
+    def _instruction(raw: dict[str, Any]) -> str:
         if raw.get("error"):
             raise BadRecord(str(raw["error"]))
         try:
-            instruction = decode_instruction(raw.get("instruction"))
+            return decode_instruction(raw.get("instruction"))
         except BadRecord as exc:
             raise BadRecord(f"instruction: {exc}") from exc
+
+    def _example(self, position: int, raw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """Decoded and augmented (source (3, R, R), target (3, R, R), instruction), or BadRecord."""
+        instruction = self._instruction(raw)
         images = []
         for field in ("source", "target"):
             try:
@@ -280,7 +288,10 @@ class EditBatches(IterableDataset):
         reasons: list[str] = []
         for k, (position, row, raw) in enumerate(slots):
             try:
-                source[k], target[k], instructions[k] = self._example(position, raw)
+                if row in self.cached_records:  # the consumer has these images: decoding them would be wasted
+                    instructions[k] = self._instruction(raw)
+                else:
+                    source[k], target[k], instructions[k] = self._example(position, raw)
             except BadRecord as exc:
                 reasons.append(f"position {position} (record {row}): {exc}")
                 continue
