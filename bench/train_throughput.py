@@ -57,7 +57,8 @@ def run_case(case: dict, cache: str, device_kind: str, skip: bool = True) -> dic
     n = case["batch"] * 4  # a small set so cached runs reach their steady state (every record cached) quickly
     cfg = load_config(None, [
         f"output_dir={tmp}/run", f"model.pretrained={case['model']}", f"data.path=synthetic:n={n},size={max(32, res)}",
-        f"data.resolution={res}", f"data.random_resize=[{res},{res + res // 8}]", f"data.num_workers={case.get('workers', 2)}",
+        f"data.resolution={res}", f"data.random_resize=[{res},{res + res // 8}]",
+        f"data.num_workers={case.get('workers', 2)}",
         f"train.batch_size={case['batch']}", f"train.max_steps={case['steps'] * 3}", "train.checkpoint_every=0",
         "trackers=[]", f"data.cache={cache}", f"train.mixed_precision={'bf16' if gpu else 'no'}", *fixed])
     trainer = Trainer(cfg)
@@ -106,7 +107,8 @@ def run_case(case: dict, cache: str, device_kind: str, skip: bool = True) -> dic
         bound_step()
     sync()
     bound_time = time.perf_counter() - start
-    out = dict(case=case["name"], cache=cache if cache == "none" or skip else f"{cache} (decoding)", batch=b, loop_samples_s=b * case["steps"] / loop_time,
+    out = dict(case=case["name"], cache=cache if cache == "none" or skip else f"{cache} (decoding)", batch=b,
+               loop_samples_s=b * case["steps"] / loop_time,
                bound_samples_s=b * case["steps"] / bound_time, ratio=bound_time / loop_time,
                peak_memory_gib=loop_mem / 2**30)
     if gpu:

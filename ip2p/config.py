@@ -189,8 +189,8 @@ _CHOICES = {
 
 # Smallest allowed value of each numeric key that has one (0 means "disabled" where the key's doc says so).
 _MINIMUM = {
-    "train.max_steps": 1, "train.max_minutes": 0, "train.batch_size": 1, "train.gradient_accumulation": 1, "train.log_every": 1,
-    "train.lr_warmup_steps": 0, "train.checkpoint_every": 0, "train.checkpoints_total_limit": 0,
+    "train.max_steps": 1, "train.max_minutes": 0, "train.batch_size": 1, "train.gradient_accumulation": 1,
+    "train.log_every": 1, "train.lr_warmup_steps": 0, "train.checkpoint_every": 0, "train.checkpoints_total_limit": 0,
     "train.weight_decay": 0, "train.max_grad_norm": 0, "train.snr_gamma": 0, "train.noise_offset": 0,
     "data.resolution": 8, "data.num_workers": 0, "validation.every": 0, "validation.steps": 1,
     "validation.resolution": 8,

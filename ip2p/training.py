@@ -726,7 +726,7 @@ class Trainer:
                 if cfg.validation.every and self.global_step % cfg.validation.every == 0:
                     self.validate()
                 stop, out_of_time = self._stop_flags(preempt, elapsed)
-                if out_of_time and self.global_step < cfg.train.max_steps:
+                if out_of_time and not stop and self.global_step < cfg.train.max_steps:
                     logger.warning("train.max_minutes=%g reached at step %d of %d; saving and exporting",
                                    cfg.train.max_minutes, self.global_step, cfg.train.max_steps)
                     break
