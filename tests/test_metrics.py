@@ -144,6 +144,27 @@ def test_changes_outside_the_mask_fail_above_the_threshold(examples):
         assert edit_success(noisy, ex, out_threshold=0.2)["success"]
 
 
+def test_erasing_an_object_the_edit_leaves_alone_fails(examples):
+    under_threshold = 0
+    for ex in examples:
+        scene, size = ex.target_scene, ex.metadata["size"]
+        others = [(i, o) for i, o in enumerate(scene.objects) if i != ex.metadata.get("target_subject")]
+        if not others:
+            continue
+        i, obj = others[0]
+        pred = ex.target.copy()
+        region = syn.object_mask(obj, size) & ~ex.mask
+        pred[region] = syn.PALETTE[scene.background]  # the edit is right, another object is gone
+        result = edit_success(pred, ex)
+        assert not result["rest_ok"] and not result["success"] and not result["strict_success"], ex.instruction
+        assert not result["kept"][f"object {i} ({obj.colour} {obj.shape})"]["ok"]
+        # The mean error outside the mask alone often lets that pass: one object is a small part of the image.
+        under_threshold += result["err_out_mask"] <= OUT_OF_MASK_THRESHOLD
+        perfect = edit_success(ex.target, ex)["kept"]
+        assert perfect and all(c["ok"] for c in perfect.values())
+    assert under_threshold > 0
+
+
 def test_strict_success_needs_pixels_inside_the_mask(examples):
     for ex in examples:
         target = _float(ex.target)

@@ -14,12 +14,16 @@ Success of one edit (:func:`edit_success`) has two parts:
   colour and the old one the background colour; change_shape: the new shape's region is the object's colour, and the
   pixels the new shape adds (resp. the old shape's pixels outside the new one), if at least ``MIN_REGION_PIXELS``,
   are the object's colour (resp. the background colour).
-- ``rest_ok``: the error outside the mask is at most ``out_threshold`` (default :data:`OUT_OF_MASK_THRESHOLD`).
+- ``rest_ok``: the error outside the mask is at most ``out_threshold`` (default :data:`OUT_OF_MASK_THRESHOLD`), and
+  every object the edit does not touch is still there: the mean colour of its pixels outside the mask is named as its
+  colour (the ``kept`` checks). The mean error alone is not enough: it averages over the whole background, so an
+  output that erased every other object (a few hundred of 4096 pixels) stayed under the threshold.
 
 ``success = edit_ok and rest_ok``. ``strict_success`` is pixel-level: the error inside the mask and the error on the
 pixels the edit changes (source != target; a subset of the mask, smaller for change_shape, whose mask is the union of
-both shapes) are at most ``in_threshold``, and the error outside the mask is at most ``out_threshold``. (Without the
-second term, leaving a shape unchanged would pass: its changed pixels are a small part of the union.)
+both shapes) are at most ``in_threshold``, the error outside the mask is at most ``out_threshold``, and the ``kept``
+checks pass. (Without the second term, leaving a shape unchanged would pass: its changed pixels are a small part of
+the union.)
 """
 
 from __future__ import annotations
@@ -180,6 +184,19 @@ def _colour_checks(example: EditExample) -> list[tuple[str, np.ndarray, str]]:
     raise ValueError(f"edit_type={kind!r} is not supported; expected one of {EDIT_TYPES}")
 
 
+def _kept_checks(example: EditExample) -> list[tuple[str, np.ndarray, str]]:
+    """(check name, region, colour) for each object of the target scene that the edit does not touch: its pixels
+    outside the edit mask (at least ``MIN_REGION_PIXELS`` of them) must keep the object's colour."""
+    size = int(example.metadata["size"])
+    edited = example.metadata.get("target_subject")
+    checks = []
+    for i, obj in enumerate(example.target_scene.objects):
+        region = object_mask(obj, size) & ~np.asarray(example.mask, dtype=bool)
+        if i != edited and int(region.sum()) >= MIN_REGION_PIXELS:
+            checks.append((f"object {i} ({obj.colour} {obj.shape})", region, obj.colour))
+    return checks
+
+
 def edit_success(
     pred: Any,
     example: EditExample | Mapping[str, Any],
@@ -191,8 +208,9 @@ def edit_success(
     """Score one predicted edit ((H, W, 3) image) against a synthetic example (an EditExample or a dataset row).
 
     Returns ``{"edit_type", "success", "strict_success", "edit_ok", "rest_ok", "l1", "psnr", "err_in_mask",
-    "err_out_mask", "err_changed", "expected_colour", "predicted_colour", "checks"}``; ``checks`` maps each judged
-    region (see the module docstring) to ``{"expected", "predicted", "ok"}``.
+    "err_out_mask", "err_changed", "expected_colour", "predicted_colour", "checks", "kept"}``; ``checks`` maps each
+    judged region of the edit (see the module docstring) to ``{"expected", "predicted", "ok"}``, and ``kept`` each
+    object the edit leaves alone (named by colour and shape) to the same.
     """
     ex = _as_example(example)
     pred_image, target = _pair(pred, ex.target)
@@ -203,12 +221,17 @@ def edit_success(
         predicted = nearest_palette_colour(mean_colour(pred_image, region), palette)
         checks[name] = {"expected": expected, "predicted": predicted, "ok": predicted == expected}
     edit_ok = all(c["ok"] for c in checks.values())
-    rest_ok = err_out <= out_threshold
+    kept = {}
+    for name, region, expected in _kept_checks(ex):
+        predicted = nearest_palette_colour(mean_colour(pred_image, region), palette)
+        kept[name] = {"expected": expected, "predicted": predicted, "ok": predicted == expected}
+    objects_kept = all(c["ok"] for c in kept.values())
+    rest_ok = err_out <= out_threshold and objects_kept
     main = next(iter(checks.values()))
     return {
         "edit_type": ex.edit_type,
         "success": bool(edit_ok and rest_ok),
-        "strict_success": bool(max(err_in, err_changed) <= in_threshold and err_out <= out_threshold),
+        "strict_success": bool(max(err_in, err_changed) <= in_threshold and rest_ok),
         "edit_ok": bool(edit_ok),
         "rest_ok": bool(rest_ok),
         "l1": l1(pred_image, target),
@@ -219,6 +242,7 @@ def edit_success(
         "expected_colour": main["expected"],
         "predicted_colour": main["predicted"],
         "checks": checks,
+        "kept": kept,
     }
 
 
