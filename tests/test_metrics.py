@@ -203,5 +203,12 @@ def test_summarise_is_json_ready_and_groups_by_type(examples):
         assert set(group) >= {"success", "strict_success", "n", "l1", "psnr", "err_in_mask", "err_out_mask"}
     expected_l1 = np.mean([r["l1"] for r in results])
     assert summary["l1"] == pytest.approx(expected_l1) and summary["l1"] > 0
+    assert summary["objects_kept"] == 1.0  # targets and sources both keep every untouched object
+    ex = next(e for e in examples if any(i != e.metadata.get("target_subject")
+                                         for i in range(len(e.target_scene.objects))))
+    erased = ex.target.copy()
+    erased[:] = syn.PALETTE[ex.target_scene.background]  # every object gone
+    one = summarise([edit_success(erased, ex)])
+    assert one["objects_kept"] == 0.0 and one["by_type"][ex.edit_type]["objects_kept"] == 0.0
     with pytest.raises(ValueError, match="results is empty"):
         summarise([])

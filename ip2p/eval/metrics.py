@@ -258,15 +258,19 @@ def _aggregate(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for key in _METRIC_KEYS:
         if key in _REQUIRED_KEYS or all(key in r for r in results):
             summary[key] = float(np.mean([float(r[key]) for r in results]))
+    if all("kept" in r for r in results):
+        kept = [bool(c["ok"]) for r in results for c in r["kept"].values()]
+        summary["objects_kept"] = float(np.mean(kept)) if kept else 1.0
     return summary
 
 
 def summarise(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Average :func:`edit_success` results, overall and per edit type; JSON-ready (floats, ints, str keys).
 
-    Returns ``{"n", "success", "strict_success", "edit_ok", "rest_ok", "l1", "psnr", "err_in_mask", "err_out_mask",
-    "err_changed", "by_type": {edit_type: {same keys}}}`` (``edit_ok``/``rest_ok``/``err_changed`` only when every
-    result has them); rates are fractions in [0, 1], PSNR is the mean of capped per-example values.
+    Returns ``{"n", "success", "strict_success", "edit_ok", "rest_ok", "objects_kept", "l1", "psnr", "err_in_mask",
+    "err_out_mask", "err_changed", "by_type": {edit_type: {same keys}}}`` (``edit_ok``/``rest_ok``/``objects_kept``/
+    ``err_changed`` only when every result has them); rates are fractions in [0, 1] (``objects_kept``: of all the
+    objects the edits leave alone, the share still in their colour), PSNR is the mean of capped per-example values.
     """
     if not results:
         raise ValueError("results is empty; expected at least one edit_success result")
