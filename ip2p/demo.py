@@ -122,7 +122,8 @@ def _summary_line(metrics: dict[str, Any]) -> str:
     for key in SPLIT_NAMES:
         m = metrics[key]
         by_type = ", ".join(f"{t} {v['success']:.2f}" for t, v in m["by_type"].items())
-        parts.append(f"{key} success {m['success']:.2f} (strict {m['strict_success']:.2f}; {by_type})")
+        kept = f", objects kept {m['objects_kept']:.2f}" if "objects_kept" in m else ""
+        parts.append(f"{key} success {m['success']:.2f} (strict {m['strict_success']:.2f}{kept}; {by_type})")
     return "; ".join(parts) + f"; {metrics['wall_seconds']:.0f} s"
 
 

@@ -40,6 +40,8 @@ def test_quick_demo_metrics_structure(quick_run):
         assert all({"success", "strict_success", "n"} <= set(v) for v in m["by_type"].values())
         assert m["n"] == demo.DEMOS["quick"].n_test
     assert metrics["wall_seconds"] > 0
+    assert all(0.0 <= metrics[split]["objects_kept"] <= 1.0 for split in ("heldout_combinations", "heldout_phrasings"))
+    assert "objects kept" in demo._summary_line(metrics)
     assert metrics["settings"]["scheduler"] == "euler"  # the default sampler for an x0 model
     assert set(metrics["timings"]) == {"data", "base", "train", "evaluate", "grid", "sweep"}
     assert metrics["base"]["vae"]["psnr"] > 30  # the shipped VAE's held-out reconstruction quality
