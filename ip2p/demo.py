@@ -132,7 +132,7 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
              device: str | None = None) -> dict[str, Any]:
     """Run the whole demo into ``output``; returns the metrics written to ``output/metrics.json``.
 
-    ``device``: where evaluation runs (default the CPU; training goes wherever Accelerate puts it).
+    ``device``: where evaluation runs (default: a GPU if torch sees one, as Accelerate does for training; else the CPU).
     """
     from ip2p import synthetic
     from ip2p.base import BaseSpec, build_base, read_base_meta
@@ -184,6 +184,10 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
                        cfg.train.max_minutes, steps)
     t = lap("train", t)
 
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_editor(final, expand=False, device=device)
     scheduler = settings.scheduler or default_scheduler(model.scheduler.config.get("prediction_type"))
     sampling = dict(steps=settings.steps, text_guidance=settings.text_guidance,
@@ -246,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the whole path in about a minute")
     parser.add_argument("--output", default=None, help="output folder (default runs/demo, or runs/demo-quick)")
     parser.add_argument("--config", default=None, help="training YAML (default configs/demo.yaml or demo-quick.yaml)")
-    parser.add_argument("--device", default=None, help="torch device for evaluation (default: the CPU)")
+    parser.add_argument("--device", default=None,
+                        help="torch device for evaluation (default: cuda if available, else the CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
     args = parser.parse_args(argv)
