@@ -132,7 +132,8 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
              device: str | None = None) -> dict[str, Any]:
     """Run the whole demo into ``output``; returns the metrics written to ``output/metrics.json``.
 
-    ``device``: where evaluation runs (default: a GPU if torch sees one, as Accelerate does for training; else the CPU).
+    ``device``: where evaluation runs (default ``auto``: PyTorch's accelerator if any, as Accelerate picks for
+    training, else the CPU); checked before any work starts.
     """
     from ip2p import synthetic
     from ip2p.base import BaseSpec, build_base, read_base_meta
@@ -140,6 +141,7 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
     from ip2p.eval.evaluate import load_examples, run_edits, sampling_settings, score_edits, write_json
     from ip2p.eval.sweep import guidance_sweep, plot_sweep, write_table
     from ip2p.images import save_image
+    from ip2p.inference import resolve_device
     from ip2p.models import load_editor, read_ip2p_meta
     from ip2p.sampling import default_scheduler
     from ip2p.training import train
@@ -155,8 +157,9 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
         logger.info("%s: %.1f s", name, timings[name])
         return now
 
-    # The training config first, so that a bad override or config file fails before minutes of data and base
-    # (write_dataset and build_base write to exactly these two folders).
+    # The training config and the device first, so that a bad override, config file or device fails before minutes
+    # of data and base (write_dataset and build_base write to exactly these two folders).
+    eval_device = resolve_device(device or "auto")
     config_path = Path(config) if config is not None else _config_path(settings.config)
     cfg = load_config(config_path, [f"output_dir={out}", f"model.pretrained={out / 'base'}",
                                     f"data.path={out / 'data'}", f"seed={settings.seed}", *settings.overrides,
@@ -184,11 +187,7 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
                        cfg.train.max_minutes, steps)
     t = lap("train", t)
 
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_editor(final, expand=False, device=device)
+    model = load_editor(final, expand=False, device=eval_device)
     scheduler = settings.scheduler or default_scheduler(model.scheduler.config.get("prediction_type"))
     sampling = dict(steps=settings.steps, text_guidance=settings.text_guidance,
                     image_guidance=settings.image_guidance, scheduler=scheduler, seed=settings.seed)
@@ -250,8 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the whole path in about a minute")
     parser.add_argument("--output", default=None, help="output folder (default runs/demo, or runs/demo-quick)")
     parser.add_argument("--config", default=None, help="training YAML (default configs/demo.yaml or demo-quick.yaml)")
-    parser.add_argument("--device", default=None,
-                        help="torch device for evaluation (default: cuda if available, else the CPU)")
+    parser.add_argument("--device", default="auto",
+                        help="torch device for evaluation: auto (a GPU if PyTorch sees one, else the CPU), cpu, "
+                             "cuda, ...")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
     args = parser.parse_args(argv)

@@ -58,6 +58,9 @@ def test_bad_override_fails_before_data_and_base_are_built(tmp_path, caplog):
     assert demo.main(["--quick", "--output", str(out), "train.max_minutes=abc"]) == 2
     assert "train.max_minutes='abc'" in caplog.text
     assert not (out / "data").exists() and not (out / "base").exists()
+    assert demo.main(["--quick", "--output", str(out), "--device", "banana"]) == 2
+    assert "--device 'banana' is not a device name" in caplog.text
+    assert not (out / "data").exists() and not (out / "base").exists()
 
 
 def test_demo_configs_load():

@@ -131,3 +131,5 @@ def test_cli_writes_metrics_and_sweep(tiny_editor_dir, dataset, tmp_path):
     assert len(json.loads((out / "sweep.json").read_text())) == 3
     assert (out / "sweep.png").is_file() and (out / "sweep.csv").is_file()
     assert main(["--checkpoint", str(tiny_editor_dir), "--data", str(tmp_path / "none"), "--output", str(out)]) == 2
+    assert main(["--checkpoint", str(tiny_editor_dir), "--data", str(dataset), "--output", str(out),
+                 "--device", "banana"]) == 2

@@ -42,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--clip", default=None, help="CLIP model folder or hub id for CLIP similarities")
-    parser.add_argument("--device", default=None, help="torch device (default: the CPU)")
+    parser.add_argument("--device", default="auto",
+                        help="torch device: auto (a GPU if PyTorch sees one, else the CPU), cpu, cuda, ...")
     parser.add_argument("--sweep", action="store_true", help="also run the s_I and s_T guidance sweeps")
     parser.add_argument("--sweep-limit", type=int, default=60, help="examples in the sweep (default 60)")
     parser.add_argument("--image-scales", type=_floats, default=None, help="s_I values, comma-separated")
@@ -52,11 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from ip2p.eval.evaluate import evaluate, load_examples, write_json
     from ip2p.eval.sweep import IMAGE_SCALES, TEXT_SCALES, guidance_sweep, plot_sweep, write_table
+    from ip2p.inference import resolve_device
     from ip2p.models import load_editor
 
     out = Path(args.output)
     try:
-        model = load_editor(args.checkpoint, config_dir=args.config_dir, expand=False, device=args.device)
+        model = load_editor(args.checkpoint, config_dir=args.config_dir, expand=False,
+                            device=resolve_device(args.device))
         sampling = dict(steps=args.steps, text_guidance=args.text_guidance, image_guidance=args.image_guidance,
                         scheduler=args.scheduler, seed=args.seed, batch_size=args.batch_size)
         metrics = {}
