@@ -223,7 +223,7 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
     lap("sweep", t)
 
     metrics.update({
-        "settings": sampling_settings(**sampling),
+        "settings": {**sampling_settings(**sampling), "device": str(eval_device)},
         "sweep": {"file": "sweep.json", "examples": len(sweep_examples), **sampling_settings(**sweep_sampling)},
         "base": {"vae": base_meta.get("vae_report", {}), "params": base_meta.get("params", {}),
                  "spec": base_meta.get("spec", {})},

@@ -8,6 +8,7 @@ from diffusers import StableDiffusionInstructPix2PixPipeline
 
 from ip2p import base, demo
 from ip2p.config import load_config
+from ip2p.inference import resolve_device
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,7 @@ def test_quick_demo_metrics_structure(quick_run):
     assert all(0.0 <= metrics[split]["objects_kept"] <= 1.0 for split in ("heldout_combinations", "heldout_phrasings"))
     assert "objects kept" in demo._summary_line(metrics)
     assert metrics["settings"]["scheduler"] == "euler"  # the default sampler for an x0 model
+    assert metrics["settings"]["device"] == str(resolve_device("auto"))  # where --device auto evaluated
     assert set(metrics["timings"]) == {"data", "base", "train", "evaluate", "grid", "sweep"}
     assert metrics["base"]["vae"]["psnr"] > 30  # the shipped VAE's held-out reconstruction quality
     quick_cfg = load_config(demo.CONFIGS / "demo-quick.yaml")
