@@ -197,6 +197,16 @@ def _kept_checks(example: EditExample) -> list[tuple[str, np.ndarray, str]]:
     return checks
 
 
+def _judge(image: np.ndarray, regions: Sequence[tuple[str, np.ndarray, str]],
+           palette: Mapping[str, Sequence[int]]) -> dict[str, dict[str, Any]]:
+    """``{name: {"expected", "predicted", "ok"}}``: each region's mean colour in ``image``, named from ``palette``."""
+    judged = {}
+    for name, region, expected in regions:
+        predicted = nearest_palette_colour(mean_colour(image, region), palette)
+        judged[name] = {"expected": expected, "predicted": predicted, "ok": predicted == expected}
+    return judged
+
+
 def edit_success(
     pred: Any,
     example: EditExample | Mapping[str, Any],
@@ -216,15 +226,9 @@ def edit_success(
     pred_image, target = _pair(pred, ex.target)
     err_in, err_out = masked_errors(pred_image, target, ex.mask)
     err_changed, _ = masked_errors(pred_image, target, (ex.source != ex.target).any(axis=-1))
-    checks = {}
-    for name, region, expected in _colour_checks(ex):
-        predicted = nearest_palette_colour(mean_colour(pred_image, region), palette)
-        checks[name] = {"expected": expected, "predicted": predicted, "ok": predicted == expected}
+    checks = _judge(pred_image, _colour_checks(ex), palette)
     edit_ok = all(c["ok"] for c in checks.values())
-    kept = {}
-    for name, region, expected in _kept_checks(ex):
-        predicted = nearest_palette_colour(mean_colour(pred_image, region), palette)
-        kept[name] = {"expected": expected, "predicted": predicted, "ok": predicted == expected}
+    kept = _judge(pred_image, _kept_checks(ex), palette)
     objects_kept = all(c["ok"] for c in kept.values())
     rest_ok = err_out <= out_threshold and objects_kept
     main = next(iter(checks.values()))
