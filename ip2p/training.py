@@ -754,7 +754,8 @@ class Trainer:
                              device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
             flags = self.accelerator.reduce(flags, reduction="sum")
-        return bool(flags[0].item() > 0), bool(flags[1].item() > 0)
+        requested, spent = flags.tolist()  # one device sync per step, as the single flag had
+        return requested > 0, spent > 0
 
 
 def train(cfg: Config) -> Path:
