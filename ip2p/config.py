@@ -198,7 +198,8 @@ _MINIMUM = {
 _SECTIONS = {ModelConfig: "model", DataConfig: "data", TrainConfig: "train", ValidationConfig: "validation"}
 
 
-def _value(cfg: "Config", key: str) -> Any:
+def setting(cfg: "Config", key: str) -> Any:
+    """The value of a dotted ``section.name`` key."""
     section, name = key.split(".")
     return getattr(getattr(cfg, section), name)
 
@@ -307,14 +308,14 @@ def validate(cfg: Config) -> Config:
                 key = f.name if section is cfg else f"{_SECTIONS[type(section)]}.{f.name}"
                 raise ConfigError(f"{key}={value} must be a finite number")
     for key, minimum in _MINIMUM.items():
-        value = _value(cfg, key)
+        value = setting(cfg, key)
         if value < minimum:
             raise ConfigError(f"{key}={value} must be at least {minimum}")
     if not 0 <= cfg.seed < 2**32:
         raise ConfigError(f"seed={cfg.seed} must be in [0, 2**32 - 1]")
     for key in ("train.adam_beta1", "train.adam_beta2"):
-        if not 0 <= _value(cfg, key) < 1:
-            raise ConfigError(f"{key}={_value(cfg, key)} must be in [0, 1)")
+        if not 0 <= setting(cfg, key) < 1:
+            raise ConfigError(f"{key}={setting(cfg, key)} must be in [0, 1)")
     if cfg.train.adam_eps <= 0:
         raise ConfigError(f"train.adam_eps={cfg.train.adam_eps} must be positive")
     if not 0 <= cfg.train.condition_dropout <= 1 / 3:
@@ -348,9 +349,31 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A safe loader that refuses a key given twice in one mapping (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(f"key {key!r} appears twice in one section (lines {seen[key]} and {line}); "
+                                    "merge the two into one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``a.b=value`` -> ("a.b", YAML-parsed value), so numbers, booleans, lists and null work as in the file."""
     if "=" not in text:
+        if text.endswith((".yaml", ".yml")):
+            raise ConfigError(f"override {text!r} must look like key=value; to read a config file, pass "
+                              f"--config {text}")
         raise ConfigError(f"override {text!r} must look like key=value, e.g. train.max_steps=100")
     key, raw = text.split("=", 1)
     key = key.strip().lstrip("-")
@@ -376,11 +399,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     cfg = Config()
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file {p} is a folder, not a YAML file; see configs/ for examples")
         if not p.is_file():
             raise FileNotFoundError(f"config file {p} does not exist; see configs/ for examples")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            data = yaml.load(p.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {p} is not UTF-8 text; give a YAML file, e.g. configs/tiny.yaml") from None
         except yaml.YAMLError as e:
+            if isinstance(e, _DuplicateKey):
+                raise ConfigError(f"{p}: {e}") from None
             raise ConfigError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from e
         _apply(cfg, data)
     for text in overrides or []:

@@ -103,3 +103,28 @@ def test_configs_readme_documents_every_key():
     readme = (Path(__file__).resolve().parent.parent / "configs" / "README.md").read_text()
     missing = [key for key, _, _ in cfgmod.reference() if f"`{key}`" not in readme]
     assert not missing, f"configs/README.md lacks {missing}; regenerate its table from ip2p.config.reference()"
+
+
+def test_unreadable_config_paths_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(tmp_path))} is a folder, not a YAML file"):
+        load_config(tmp_path)
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(b"\xff\xfe\x00\x01")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(binary))} is not UTF-8 text"):
+        load_config(binary)
+
+
+def test_a_key_given_twice_in_the_yaml_file_is_an_error(tmp_path):
+    # PyYAML keeps the last of two equal keys: a second `train:` section would silently drop the first one.
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  max_steps: 5\ndata:\n  path: x\ntrain:\n  lr: 0.001\n")
+    with pytest.raises(ConfigError, match=r"key 'train' appears twice .*lines 1 and 5"):
+        load_config(path)
+    path.write_text("train:\n  lr: 1.0e-3\n  max_steps: 5\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match=r"key 'lr' appears twice"):
+        load_config(path)
+
+
+def test_a_yaml_path_given_without_config_flag_says_so():
+    with pytest.raises(ConfigError, match=r"--config configs/tiny.yaml"):
+        load_config(None, ["configs/tiny.yaml"])

@@ -287,3 +287,11 @@ def test_csv_file_folder_and_glob(tmp_path):
         records = open_records(path, cache_dir=tmp_path / "cache")
         assert _instructions(records) == ["edit 0", "edit 1", "edit 2"]
         assert _same_pixels(records.get(1)["target"], pair(1)[1])
+
+
+@pytest.mark.parametrize("name, content", [("metadata.jsonl", b"not json\n"), ("metadata.parquet", b"PAR1garbage"),
+                                           ("metadata.csv", b"\xff\xfe,\x00\n")])
+def test_an_unreadable_metadata_file_is_an_error_naming_it(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=rf"cannot read the metadata file .*{name}"):
+        open_records(tmp_path, cache_dir=tmp_path / "cache")

@@ -476,15 +476,20 @@ def _metadata_file(root: str, split: str) -> str | None:
 
 
 def _metadata_columns(path: str) -> list[str]:
-    if path.endswith(".parquet"):
-        return pq.read_schema(path).names
-    with open(path, encoding="utf-8", newline="") as handle:
-        if path.endswith(".csv"):
-            return next(csv.reader(handle), [])
-        for line in handle:
-            if line.strip():
-                row = json.loads(line)
-                return list(row) if isinstance(row, dict) else []
+    try:
+        if path.endswith(".parquet"):
+            return pq.read_schema(path).names
+        with open(path, encoding="utf-8", newline="") as handle:
+            if path.endswith(".csv"):
+                return next(csv.reader(handle), [])
+            for line in handle:
+                if line.strip():
+                    row = json.loads(line)
+                    return list(row) if isinstance(row, dict) else []
+    except (OSError, ValueError, csv.Error, pa.ArrowException) as exc:  # ValueError: JSON and UTF-8 errors too
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise ValueError(f"cannot read the metadata file {path} ({reason}); check that it is complete and "
+                         "well-formed") from exc
     return []
 
 
