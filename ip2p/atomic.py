@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["chmod_tree", "fsync_file", "remove_stale", "sibling", "swap_in", "write_bytes", "write_json",
+__all__ = ["chmod_tree", "fsync_file", "fsync_tree", "remove_stale", "sibling", "swap_in", "write_bytes", "write_json",
            "write_text", "writing_file", "writing_folder"]
 
 logger = logging.getLogger(__name__)
@@ -117,8 +117,10 @@ def chmod_tree(folder: str | os.PathLike, mode: int) -> None:
             os.chmod(p, mode)
 
 
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.rglob("*"):
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """Flush every file under ``folder`` to disk, so that a crash after a rename never leaves a complete-looking
+    folder of empty or partial files."""
+    for p in Path(folder).rglob("*"):
         if p.is_file() and not p.is_symlink():
             fsync_file(p)
 
@@ -186,7 +188,7 @@ def writing_folder(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         chmod_tree(tmp, tmp.stat().st_mode & 0o666)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import ip2p
 from ip2p import config as cfgmod
-from ip2p.atomic import chmod_tree, remove_stale, swap_in
+from ip2p.atomic import chmod_tree, fsync_tree, remove_stale, swap_in
 from ip2p.conditioning import (
     apply_dropout,
     dropout_masks,
@@ -207,6 +207,10 @@ def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
     return path
 
 
+# Settings whose change makes a checkpoint's state unloadable (other shapes, other optimizer state).
+_STATE_SHAPING = ("model.pretrained", "model.config_dir", "train.optimizer")
+
+
 # ---- the loop ------------------------------------------------------------------------------------------------------
 
 # Examples from the start of a run (or the whole dataset, if smaller) that may all be bad before the run stops.
@@ -297,7 +301,11 @@ class Trainer:
                              "launch with `accelerate launch` or `torchrun`, and check the Accelerate config")
         self.is_main = acc.is_main_process
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # a file in the way, no permission
+                raise ValueError(f"output_dir={cfg.output_dir!r} cannot be used as the run folder ({e.strerror}: "
+                                 f"{e.filename}); choose another output_dir") from None
             cfgmod.save(cfg, self.out / "config.yaml")
 
         components, _ = load_components(cfg.model.pretrained, config_dir=cfg.model.config_dir)
@@ -366,6 +374,8 @@ class Trainer:
         # record number -> (source latent, target posterior mean, std); filled in the first epoch (data.cache).
         self.latent_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.global_step = 0
+        self.saved_step: int | None = None  # the step of the checkpoint this run last saved or loaded
+        self.global_batch = cfg.train.batch_size * acc.num_processes * cfg.train.gradient_accumulation
         self.samples_seen = 0
         self.bad_records = 0
         self.vae_scale = vae_downsampling(self.vae)
@@ -523,43 +533,97 @@ class Trainer:
             cfgmod.save(self.cfg, tmp / "config.yaml")
             state = {"step": self.global_step, "samples_seen": self.samples_seen, "bad_records": self.bad_records,
                      "data_step": self.global_step * self.cfg.train.gradient_accumulation,
-                     "ip2p_version": ip2p.__version__}
+                     "global_batch": self.global_batch, "ip2p_version": ip2p.__version__}
             (tmp / "ip2p_state.json").write_text(json.dumps(state, indent=2))
             chmod_tree(tmp, (tmp / "ip2p_state.json").stat().st_mode & 0o777)  # safetensors writes owner-only files
+            # The rename must not reach the disk before the files do: after a crash (not only a kill) the newest
+            # complete-looking checkpoint would hold empty files, and pruning would have deleted the good ones.
+            fsync_tree(tmp)
             # A resumed run saving a step again replaces it; swap_in moves the old one aside first, so a kill never
             # leaves it torn, and recover_checkpoints puts it back if the kill came between the two renames.
             swap_in(tmp, final)
             self._prune(keep=final)
             logger.info("saved checkpoint %s", final)
+        self.saved_step = self.global_step
         acc.wait_for_everyone()
         return final
 
     def _prune(self, keep: Path) -> None:
-        """Delete the oldest checkpoints beyond ``train.checkpoints_total_limit``, never ``keep`` (the one just
-        written: a run resumed from an older checkpoint may have newer ones from before). Each is renamed before it
-        is deleted, so a kill never leaves a half-deleted folder that looks complete."""
+        """Delete the checkpoints newer than ``keep`` (the one just written), then the oldest beyond
+        ``train.checkpoints_total_limit``. Newer ones are left by the run that this one resumed before their step
+        (to change a setting, or past a damaged one): kept, resume=latest would go back to that abandoned run, and
+        the pruning would delete this run's own checkpoints first. Each is renamed before it is deleted, so a kill
+        never leaves a half-deleted folder that looks complete."""
         limit = self.cfg.train.checkpoints_total_limit
-        found = [path for _, path in list_checkpoints(self.out) if path != keep]
-        if limit > 0 and len(found) > limit - 1:
-            for path in found[: len(found) - (limit - 1)]:
-                doomed = path.with_name(f".del-{path.name}")
-                os.replace(path, doomed)
-                shutil.rmtree(doomed, ignore_errors=True)
+        found = [(step, path) for step, path in list_checkpoints(self.out) if path != keep]
+        newer = [path for step, path in found if step > self.global_step]
+        if newer:
+            logger.warning("deleting %s: checkpoints of the run that this one, resumed from an older checkpoint, "
+                           "replaces", ", ".join(path.name for path in newer))
+        older = [path for step, path in found if step <= self.global_step]
+        doomed = newer + (older[: len(older) - (limit - 1)] if limit > 0 and len(older) > limit - 1 else [])
+        for path in doomed:
+            aside = path.with_name(f".del-{path.name}")
+            os.replace(path, aside)
+            shutil.rmtree(aside, ignore_errors=True)
 
     def load_checkpoint(self, path: Path) -> None:
-        """Restore the training state from ``path``; a damaged checkpoint is a ValueError naming it."""
+        """Restore the training state from ``path``; a damaged checkpoint is a ValueError naming it, one saved with
+        settings this run cannot load (train.ema, the model) a ConfigError saying which."""
+        saved = self._saved_settings(path)
+        if saved.get("train.ema", self.cfg.train.ema) != self.cfg.train.ema:
+            raise cfgmod.ConfigError(f"checkpoint {path} was saved with train.ema={str(saved['train.ema']).lower()}; "
+                                     "resume with the same value (the EMA state cannot be added or dropped "
+                                     "mid-run), or start a new output_dir")
         try:
             state = json.loads((path / "ip2p_state.json").read_text())
             step = int(state["step"])
             self.accelerator.load_state(str(path))
         except Exception as e:  # safetensors, torch, pickle and json each raise their own types for a torn file
             reason = " ".join(str(e).split())
+            reason = reason if len(reason) <= 300 else reason[:300] + " ..."
+            now = {key: cfgmod.setting(self.cfg, key) for key in _STATE_SHAPING}
+            changed = [f"{key}={saved[key]!r} (this run: {now[key]!r})" for key in _STATE_SHAPING
+                       if key in saved and saved[key] != now[key]]
+            if changed:
+                raise cfgmod.ConfigError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {reason}): it was "
+                                         f"saved with {', '.join(changed)}; resume with the same settings, or "
+                                         "start a new output_dir") from e
             raise ValueError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {reason}); resume from "
                              f"another one, e.g. resume=<an older {checkpoint_dir(self.out)}/step-NNNNNN>") from e
-        self.global_step = step
+        self.global_step = self.saved_step = step
         self.samples_seen = int(state.get("samples_seen", 0))
         self.bad_records = int(state.get("bad_records", 0))
+        self._apply_hyperparameters()
+        saved_batch = state.get("global_batch")
+        if saved_batch is not None and int(saved_batch) != self.global_batch:
+            t = self.cfg.train
+            logger.warning("checkpoint %s was trained with a global batch of %d; this run's is %d (train.batch_size "
+                           "%d x %d processes x train.gradient_accumulation %d): the data continue from position "
+                           "%d, not after the %d examples it had seen, so the result will differ from a run that "
+                           "kept one batch size", path, int(saved_batch), self.global_batch, t.batch_size,
+                           self.accelerator.num_processes, t.gradient_accumulation, step * self.global_batch,
+                           self.samples_seen)
         logger.info("resumed from %s at step %d", path, self.global_step)
+
+    @staticmethod
+    def _saved_settings(path: Path) -> dict:
+        """The settings in ``path``'s config.yaml that decide what its state holds (empty if unreadable)."""
+        try:
+            saved = cfgmod.load_config(path / "config.yaml")
+        except Exception:  # a damaged or foreign config: load_state will say what is wrong with the checkpoint
+            return {}
+        return {key: cfgmod.setting(saved, key) for key in ("train.ema", *_STATE_SHAPING)}
+
+    def _apply_hyperparameters(self) -> None:
+        """Give the loaded optimizer and LR schedule this run's hyperparameters: their saved states carry the old
+        ones, so a run resumed with e.g. a lower train.lr would otherwise silently train with the old value."""
+        t, schedule = self.cfg.train, self.lr_scheduler
+        schedule.base_lrs = [t.lr] * len(schedule.base_lrs)
+        schedule._last_lr = [t.lr * factor(schedule.last_epoch) for factor in schedule.lr_lambdas]
+        for group, lr in zip(self.optimizer.param_groups, schedule._last_lr):
+            group.update(lr=lr, initial_lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                         weight_decay=t.weight_decay)
 
     # -- validation --
     def validate(self) -> Path | None:
@@ -654,6 +718,8 @@ class Trainer:
                 try:
                     self.load_checkpoint(path)
                     break
+                except cfgmod.ConfigError:  # every checkpoint of this run was saved with the same settings
+                    raise
                 except ValueError as e:
                     if i == len(candidates) - 1:
                         raise
@@ -662,7 +728,7 @@ class Trainer:
         acc.init_trackers("ip2p", config=_flat(cfgmod.to_dict(cfg)),
                           init_kwargs={"wandb": {"dir": str(self.out), "name": self.out.name}})
         accum = cfg.train.gradient_accumulation
-        global_batch = cfg.train.batch_size * acc.num_processes * accum
+        global_batch = self.global_batch
         data = self._batches(self.global_step * accum)
         loader = iter(data)
         # A dataset with no usable record (a wrong column, every image unreadable) stops the run with the reasons
@@ -741,7 +807,7 @@ class Trainer:
         bar.close()
         if self.bad_records:
             logger.warning("skipped %d bad records in total", self.bad_records)
-        if not list_checkpoints(self.out) or list_checkpoints(self.out)[-1][0] != self.global_step:
+        if self.saved_step != self.global_step:  # a checkpoint of this step on disk may be an abandoned run's
             self.save_checkpoint()
         final = self.export_final()
         acc.end_training()

@@ -627,3 +627,48 @@ def test_unusable_data_and_validation_images_fail_before_training(tmp_path, data
     assert train.main(overrides(out, data_dir, "validation.every=2", f"validation.images=[{missing}]",
                                 "validation.instructions=[x]")) == 2
     assert "validation.images" in caplog.text and str(missing) in caplog.text and not list_checkpoints(out)
+
+
+def test_an_output_dir_that_is_a_file_is_a_clear_error(tmp_path, data_dir, caplog):
+    (tmp_path / "taken").write_text("x")
+    for out in (tmp_path / "taken", tmp_path / "taken" / "run"):
+        assert train.main(overrides(out, data_dir)) == 2
+        assert f"output_dir={str(out)!r} cannot be used as the run folder" in caplog.text
+        caplog.clear()
+
+
+def test_resuming_an_older_checkpoint_starts_a_new_line_with_this_runs_settings(tmp_path, data_dir, caplog):
+    out = tmp_path / "run"
+    common = ("train.ema=false", "train.checkpoints_total_limit=0")
+    assert train.main(overrides(out, data_dir, *common, "train.max_steps=3", "train.checkpoint_every=1")) == 0
+    old_step2 = load_file(out / "checkpoints" / "step-000002" / "model.safetensors")
+    # Resumed from step 1 with a new learning rate: the saved optimizer and LR schedule states must not override it.
+    assert train.main(overrides(out, data_dir, *common, "train.max_steps=2", "train.checkpoint_every=0",
+                                "train.lr=1e-2", f"resume={out / 'checkpoints' / 'step-000001'}")) == 0
+    # Step 3 belonged to the abandoned run: resume=latest must not pick it up, so it is gone once this run saves.
+    assert [s for s, _ in list_checkpoints(out)] == [1, 2]
+    assert "step-000003" in caplog.text
+    # The final step's checkpoint is this run's, not the abandoned run's checkpoint of the same step.
+    new_step2 = load_file(out / "checkpoints" / "step-000002" / "model.safetensors")
+    assert max_diff(new_step2, unet_weights(out / "final")) == 0
+    assert max_diff(new_step2, old_step2) > 0
+    optimizer = torch.load(out / "checkpoints" / "step-000002" / "optimizer.bin", weights_only=True)
+    assert optimizer["param_groups"][0]["lr"] == pytest.approx(1e-2)
+
+
+def test_resume_with_another_ema_setting_or_batch_is_explained(tmp_path, data_dir, caplog, monkeypatch):
+    from ip2p import atomic
+
+    synced = []
+    real_fsync = atomic.fsync_file
+    monkeypatch.setattr(atomic, "fsync_file", lambda path: synced.append(Path(path).name) or real_fsync(path))
+    out = tmp_path / "run"
+    assert train.main(overrides(out, data_dir, "train.max_steps=1")) == 0
+    # Every file of a checkpoint reaches the disk before its folder is renamed into place (a crash, not just a kill).
+    assert set(synced) >= {p.name for p in list_checkpoints(out)[0][1].iterdir()}
+    caplog.clear()
+    assert train.main(overrides(out, data_dir, "train.max_steps=2", "resume=latest", "train.ema=false")) == 2
+    assert "was saved with train.ema=true" in caplog.text and "trying the one before it" not in caplog.text
+    caplog.clear()
+    assert train.main(overrides(out, data_dir, "train.max_steps=2", "resume=latest", "train.batch_size=2")) == 0
+    assert "global batch of 4" in caplog.text and "this run's is 2" in caplog.text
