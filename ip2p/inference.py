@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import ip2p
+from ip2p import atomic
 from ip2p import images as img
 from ip2p.models import load_editor
 from ip2p.sampling import (
@@ -132,6 +133,9 @@ def read_instructions(args: argparse.Namespace) -> list[str]:
     except UnicodeDecodeError as e:
         raise ValueError(f"--instructions-file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as "
                          "UTF-8 with one instruction per line") from None
+    except OSError as e:
+        raise ValueError(f"--instructions-file {path} cannot be read ({e.strerror or e}); check its "
+                         "permissions") from None
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"--instructions-file {path} has no non-empty line")
@@ -146,12 +150,12 @@ def plan_jobs(paths: list[Path], instructions: list[str], output: str | None, nu
     single = len(jobs) == 1 and (num_images == 1 or sweep)
     if single:
         out = Path(output or ("sweep.png" if sweep else "edited.png"))
-        if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        if not _is_image_name(out):
             out = out / ("sweep.png" if sweep else f"{paths[0].stem}_edited.png")
         jobs[0].outputs = [out]
         return jobs
     folder = Path(output or "edits")
-    if folder.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+    if _is_image_name(folder):
         raise ValueError(f"--output {folder} is a file name, but this run writes {len(jobs) * num_images} images; "
                          "give a folder")
     for j, job in enumerate(jobs):
@@ -159,6 +163,11 @@ def plan_jobs(paths: list[Path], instructions: list[str], output: str | None, nu
         job.outputs = ([folder / f"{tag}_sweep.png"] if sweep
                        else [folder / f"{tag}_{k}.png" for k in range(num_images)])
     return jobs
+
+
+def _is_image_name(path: Path) -> bool:
+    """Whether ``path`` names an image file (a suffix ``images.save_image`` can write: .png, .bmp, .tif, ...)."""
+    return path.suffix.lower() in Image.registered_extensions()
 
 
 def _output_names(paths: list[Path]) -> list[str]:
@@ -186,6 +195,10 @@ def _make_output_folders(jobs: list[EditJob]) -> None:
         except OSError as e:
             raise ValueError(f"--output: cannot create the folder {str(folder)!r} ({e.strerror or e}); "
                              "choose another --output") from None
+    for out in (out for job in jobs for out in job.outputs):
+        if out.is_dir():
+            raise ValueError(f"--output: {str(out)!r} is an existing folder, not an image file; choose another "
+                             "--output")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +218,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--resolution {args.resolution} must be positive, or 0 to keep the input size")
     if args.num_images < 1:
         raise ValueError(f"--num-images {args.num_images} must be at least 1")
+    if args.max_pixels < 1:
+        raise ValueError(f"--max-pixels {args.max_pixels} must be at least 1")
+    if args.multiple is not None and args.multiple < 1:
+        raise ValueError(f"--multiple {args.multiple} must be a positive multiple of the VAE's downsampling factor "
+                         "(8 for Stable Diffusion)")
     for flag, value in (("--text-guidance", args.text_guidance), ("--image-guidance", args.image_guidance)):
         if not math.isfinite(value):
             raise ValueError(f"{flag} {value} must be a finite number, e.g. {flag} 1.5")
@@ -234,6 +252,9 @@ def run(args: argparse.Namespace) -> int:
     if multiple < 1 or multiple % model.vae_scale_factor:
         raise ValueError(f"--multiple {multiple} must be a positive multiple of the VAE's downsampling factor "
                          f"({model.vae_scale_factor})")
+    if 0 < args.resolution < multiple:
+        raise ValueError(f"--resolution {args.resolution} is below --multiple {multiple}; give at least {multiple}, "
+                         "or 0 to keep the input size")
 
     settings = dict(checkpoint=str(args.checkpoint), steps=args.steps, scheduler=args.scheduler, seed=seed,
                     resolution=args.resolution, multiple=multiple, dtype=str(dtype).removeprefix("torch."),
@@ -246,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             source = img.load_image(job.image_path, max_pixels=args.max_pixels)
             resized = img.resize_for_model(source, args.resolution, multiple, max_pixels=args.max_pixels)
-        except ValueError as e:  # ImageError, or a --resolution too large for this image
+        except (ValueError, FileNotFoundError) as e:  # ImageError, a file gone since listed, too large a --resolution
             if len(paths) == 1:
                 raise
             unreadable[job.image_path] = str(e)
@@ -290,7 +311,10 @@ def run(args: argparse.Namespace) -> int:
 def _write(image, path: Path, record: dict) -> None:
     try:
         img.save_image(image, path)
-        path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+        # Atomic like the image, so a kill or a full disk never leaves a previous run's sidecar cut short; no clean-up
+        # pass over the folder (see save_image).
+        with atomic.writing_file(path.with_suffix(".json"), clean=False) as tmp:
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
     except OSError as e:
         raise ValueError(f"cannot write {str(path)!r} ({e.strerror or e}); choose another --output") from None
 

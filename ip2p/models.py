@@ -104,15 +104,27 @@ def read_ip2p_meta(folder: str | os.PathLike) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); delete it or restore it from the checkpoint") from e
+    if not isinstance(meta, dict):  # a damaged file, not a caller's wrong type: the CLI reports ValueErrors
+        raise ValueError(f"{path} holds a JSON {type(meta).__name__}, expected an object; delete it "  # noqa: TRY004
+                         "or restore it from the checkpoint")
+    return meta
 
 
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (diffusers' and hub errors run over several), or its type's name."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_tokenizer(tokenizer, where: str) -> None:
+    """Refuse a tokenizer without a vocabulary: transformers builds one, silently, from a folder whose vocabulary files
+    are missing, and every instruction would then encode to the same unknown tokens."""
+    if len(tokenizer.get_vocab()) <= len(set(tokenizer.all_special_tokens)):
+        raise ValueError(f"{where} has a tokenizer without a vocabulary (tokenizer/ lacks tokenizer.json, or "
+                         "vocab.json and merges.txt); re-export or re-download it")
 
 
 def _load_folder(source: str, torch_dtype: torch.dtype | None) -> dict:
@@ -134,11 +146,13 @@ def _load_folder(source: str, torch_dtype: torch.dtype | None) -> dict:
     try:
         sched_config = diffusers.DDPMScheduler.load_config(source, subfolder="scheduler")
         sched_cls = getattr(diffusers, sched_config.get("_class_name", "PNDMScheduler"), diffusers.PNDMScheduler)
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+        check_tokenizer(tokenizer, f"checkpoint {source!r}")
         return {
             "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype),
             "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype),
             "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch_dtype),
-            "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
+            "tokenizer": tokenizer,
             "scheduler": sched_cls.from_config(sched_config),
         }
     except (OSError, EnvironmentError) as e:
@@ -206,10 +220,11 @@ def load_editor(source: str | os.PathLike, *, config_dir: str | None = None, all
             logger.info("expanded unet.conv_in from %d to %d input channels (new ones zero)",
                         latent_channels, 2 * latent_channels)
     elif unet.conv_in.in_channels != 2 * latent_channels:
-        raise ValueError(
-            f"{source}: unet has {unet.conv_in.in_channels} input channels, an editor needs {2 * latent_channels}; "
-            "this looks like a base text-to-image model: fine-tune it with train.py first"
-        )
+        hint = ("this looks like a base text-to-image model: fine-tune it with train.py first"
+                if unet.conv_in.in_channels == latent_channels else
+                "inpainting-style or other UNets are not InstructPix2Pix editors")
+        raise ValueError(f"{source}: unet has {unet.conv_in.in_channels} input channels, an editor needs "
+                         f"{2 * latent_channels}; {hint}")
     if scale_source_latent is None:
         scale_source_latent = _as_bool(meta.get("scale_source_latent", False))
     # requires_grad stays as loaded, as in diffusers' pipeline: sampling runs under no_grad anyway, and PyTorch picks

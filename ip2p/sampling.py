@@ -186,4 +186,6 @@ def edit(model, images: torch.Tensor, instructions: list[str], *, steps: int = D
         return latents
     vae_dtype = next(model.vae.parameters()).dtype
     decoded = model.vae.decode(latents.to(vae_dtype) / vae_scaling_factor(model.vae), return_dict=False)[0]
-    return (decoded.float() / 2 + 0.5).clamp(0, 1)
+    # Denormalised in the VAE's precision before the cast, as diffusers' VaeImageProcessor does: an fp16/bf16 model's
+    # pixels then round to the same 8-bit values as diffusers' pipeline gives.
+    return (decoded / 2 + 0.5).clamp(0, 1).float()

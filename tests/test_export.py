@@ -451,3 +451,12 @@ def test_exports_are_readable_as_the_umask_allows(tmp_path):
     assert folder.stat().st_mode & 0o777 == 0o755
     assert {p.stat().st_mode & 0o777 for p in folder.rglob("*") if p.is_file()} == {0o644}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["editor", "editor.safetensors"]
+
+
+def test_config_dir_whose_tokenizer_lost_its_vocabulary_is_refused(sd_file, tiny_sd_editor_dir, tmp_path):
+    import shutil
+
+    damaged = shutil.copytree(tiny_sd_editor_dir, tmp_path / "damaged")
+    (damaged / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="config_dir=.*damaged.* has a tokenizer without a vocabulary"):
+        export.load_single_file(sd_file, config_dir=str(damaged))

@@ -205,3 +205,166 @@ def test_infer_warns_that_fp16_on_the_cpu_is_slow(tiny_editor_dir, photo, tmp_pa
     assert infer.main([*args, "--output", str(tmp_path / "b.png"), "--dtype", "fp16"]) == 0
     assert "--dtype fp16 on the CPU is many times slower than fp32" in caplog.text
     assert json.loads((tmp_path / "b.json").read_text())["dtype"] == "float16"
+
+
+@pytest.mark.parametrize("dtype, torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_infer_in_half_precision_gives_the_same_picture_as_diffusers(tiny_editor_dir, photo, tmp_path, dtype,
+                                                                      torch_dtype):
+    """fp16 is the default on GPUs: pixels must round as diffusers rounds them there too, not only in fp32."""
+    out = tmp_path / "out.png"
+    assert infer.main(["--checkpoint", str(tiny_editor_dir), "--image", str(photo), "--instruction", "make it winter",
+                       "--output", str(out), "--seed", "0", "--steps", "3", "--resolution", "32", "--dtype", dtype,
+                       "--device", "cpu", "--quiet"]) == 0
+    from ip2p.sampling import make_scheduler
+
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(tiny_editor_dir, dtype=torch_dtype)
+    pipe.scheduler = make_scheduler("euler_a", pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe("make it winter", image=Image.open(photo).convert("RGB"), num_inference_steps=3,
+                generator=torch.Generator().manual_seed(0)).images[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want))
+
+
+def test_infer_flag_errors_over_several_inputs_name_the_flag_not_the_images(tiny_editor_dir, photo, tmp_path,
+                                                                             caplog):
+    (tmp_path / "in").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.open(photo).save(tmp_path / "in" / name)
+    args = ["--checkpoint", str(tiny_editor_dir), "--image", str(tmp_path / "in"), "--instruction", "x",
+            "--output", str(tmp_path / "edits"), "--steps", "1", "--quiet"]
+    for extra, message in ((["--max-pixels", "0"], "--max-pixels 0 must be at least 1"),
+                           (["--resolution", "1"], "--resolution 1 is below --multiple 2"),
+                           (["--multiple", "-8"], "--multiple -8 must be a positive multiple")):
+        caplog.clear()
+        assert infer.main([*args, *extra]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert errors == [f"error: {errors[-1].removeprefix('error: ')}"] and message in errors[-1]  # no "skipped"
+    assert not list((tmp_path / "edits").glob("*.png"))
+
+
+def test_infer_writes_any_image_format_its_output_suffix_names(tiny_editor_dir, photo, tmp_path):
+    for suffix, fmt in ((".bmp", "BMP"), (".tif", "TIFF")):
+        out = tmp_path / f"out{suffix}"
+        assert infer.main(["--checkpoint", str(tiny_editor_dir), "--image", str(photo), "--instruction", "x",
+                           "--output", str(out), "--steps", "1", "--resolution", "16", "--quiet"]) == 0
+        assert out.is_file() and Image.open(out).format == fmt  # not a folder named out.bmp
+        assert out.with_suffix(".json").is_file()
+
+
+def test_infer_output_that_is_an_existing_folder_fails_before_loading(photo, tmp_path, caplog):
+    (tmp_path / "taken.png").mkdir()
+    rc = infer.main(["--checkpoint", str(tmp_path / "never-loaded"), "--image", str(photo), "--instruction", "x",
+                     "--output", str(tmp_path / "taken.png"), "--quiet"])
+    assert rc == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors and "is an existing folder, not an image file" in errors[-1]
+
+
+def test_infer_sidecar_is_written_atomically(tiny_editor_dir, photo, tmp_path, monkeypatch, caplog):
+    import pathlib
+
+    out = tmp_path / "out.png"
+    args = ["--checkpoint", str(tiny_editor_dir), "--image", str(photo), "--instruction", "x", "--output", str(out),
+            "--steps", "1", "--resolution", "16", "--seed", "5", "--quiet"]
+    assert infer.main(args) == 0
+    before = out.with_suffix(".json").read_text()
+    real_open = pathlib.Path.open
+
+    class HalfWritten:
+        """A file that takes half of what is written to it, then reports a full disk."""
+
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, text):
+            self.handle.write(text[: len(text) // 2])
+            raise OSError(28, "No space left on device")
+
+    def disk_full(self, mode="r", *args, **kwargs):  # Path.write_text opens through Path.open
+        handle = real_open(self, mode, *args, **kwargs)
+        return HalfWritten(handle) if "out.json" in self.name and "w" in mode else handle
+
+    monkeypatch.setattr(pathlib.Path, "open", disk_full)
+    assert infer.main(args) == 2
+    monkeypatch.undo()
+    assert out.with_suffix(".json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "out.png"]
+    assert any("No space left on device" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+
+
+def test_infer_refuses_a_checkpoint_whose_tokenizer_lost_its_vocabulary(tiny_editor_dir, photo, tmp_path, caplog):
+    """transformers builds an empty tokenizer from such a folder without a word; every instruction would then edit
+    as the same unknown tokens."""
+    import shutil
+
+    damaged = shutil.copytree(tiny_editor_dir, tmp_path / "damaged")
+    (damaged / "tokenizer" / "tokenizer.json").unlink()
+    rc = infer.main(["--checkpoint", str(damaged), "--image", str(photo), "--instruction", "x", "--quiet",
+                     "--steps", "1", "--resolution", "16", "--output", str(tmp_path / "o.png")])
+    assert rc == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors and f"checkpoint '{damaged}' has a tokenizer without a vocabulary" in errors[-1]
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_infer_refuses_ip2p_metadata_that_is_not_an_object(tiny_editor_dir, photo, tmp_path, caplog):
+    import shutil
+
+    damaged = shutil.copytree(tiny_editor_dir, tmp_path / "damaged")
+    (damaged / "ip2p.json").write_text("[1, 2]\n")
+    rc = infer.main(["--checkpoint", str(damaged), "--image", str(photo), "--instruction", "x", "--quiet",
+                     "--steps", "1", "--resolution", "16", "--output", str(tmp_path / "o.png")])
+    assert rc == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors and "ip2p.json holds a JSON list, expected an object" in errors[-1]
+
+
+def test_infer_names_an_inpainting_unet_as_such(photo, tmp_path, caplog):
+    from ip2p import tiny
+
+    folder = tiny.save_tiny_pipeline(tmp_path / "inpaint", layout="small", in_channels=9)
+    rc = infer.main(["--checkpoint", str(folder), "--image", str(photo), "--instruction", "x", "--quiet",
+                     "--steps", "1", "--resolution", "16", "--output", str(tmp_path / "o.png")])
+    assert rc == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors and "unet has 9 input channels" in errors[-1] and "inpainting-style" in errors[-1]
+    assert "fine-tune it" not in errors[-1]  # not a base text-to-image model
+
+
+def test_infer_skips_an_input_deleted_after_listing(tiny_editor_dir, photo, tmp_path, monkeypatch, caplog):
+    (tmp_path / "in").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.open(photo).save(tmp_path / "in" / name)
+    from ip2p import images
+
+    listed = images.expand_image_paths(tmp_path / "in")
+    monkeypatch.setattr(images, "expand_image_paths", lambda spec: [*listed, tmp_path / "in" / "gone.png"])
+    rc = infer.main(["--checkpoint", str(tiny_editor_dir), "--image", str(tmp_path / "in"), "--instruction", "x",
+                     "--output", str(tmp_path / "edits"), "--steps", "1", "--resolution", "16", "--quiet"])
+    assert rc == 2
+    assert sorted(p.name for p in (tmp_path / "edits").glob("*.png")) == ["a_000_0.png", "b_000_0.png"]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("gone.png" in e and "skipped 1 of 3" in e for e in errors)
+
+
+def test_infer_unreadable_instructions_file_is_a_one_line_error(photo, tmp_path, monkeypatch, caplog):
+    import pathlib
+
+    ins = tmp_path / "ins.txt"
+    ins.write_text("make it winter\n")
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "read_text", denied)
+    rc = infer.main(["--checkpoint", str(tmp_path / "never-loaded"), "--image", str(photo), "--instructions-file",
+                     str(ins), "--quiet"])
+    assert rc == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors and f"--instructions-file {ins} cannot be read (Permission denied)" in errors[-1]
