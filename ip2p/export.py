@@ -27,7 +27,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ip2p import __version__, atomic
-from ip2p.models import IP2P_META_FILE, check_tokenizer, first_line
+from ip2p.models import (
+    IP2P_META_FILE,
+    check_tokenizer,
+    first_line,
+    scheduler_from_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -547,8 +552,7 @@ def _load_tokenizer_and_scheduler(source: str, local_only: bool) -> tuple[Any, A
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local_only)
     check_tokenizer(tokenizer, f"config_dir={source!r}")
     sched_config = diffusers.DDPMScheduler.load_config(source, subfolder="scheduler", local_files_only=local_only)
-    sched_cls = getattr(diffusers, sched_config.get("_class_name", "PNDMScheduler"), diffusers.PNDMScheduler)
-    return tokenizer, sched_cls.from_config(sched_config)
+    return tokenizer, scheduler_from_config(sched_config)
 
 
 def _as_trained(scheduler: Any, metadata: dict) -> Any:

@@ -127,6 +127,20 @@ def check_tokenizer(tokenizer, where: str) -> None:
                          "vocab.json and merges.txt); re-export or re-download it")
 
 
+def scheduler_from_config(config: dict):
+    """The scheduler a checkpoint's scheduler config names; PNDM (SD's) where it names none or one this diffusers
+    lacks, with a warning in the latter case."""
+    import diffusers
+
+    name = config.get("_class_name", "PNDMScheduler")
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_config"):
+        logger.warning("scheduler %r is not in this diffusers version; using PNDMScheduler with its config (pick a "
+                       "sampler with --scheduler)", name)
+        cls = diffusers.PNDMScheduler
+    return cls.from_config(config)
+
+
 def _load_folder(source: str, torch_dtype: torch.dtype | None) -> dict:
     """Components from a diffusers folder or hub id (one code path: diffusers resolves both)."""
     import diffusers
@@ -145,7 +159,6 @@ def _load_folder(source: str, torch_dtype: torch.dtype | None) -> dict:
             )
     try:
         sched_config = diffusers.DDPMScheduler.load_config(source, subfolder="scheduler")
-        sched_cls = getattr(diffusers, sched_config.get("_class_name", "PNDMScheduler"), diffusers.PNDMScheduler)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
         check_tokenizer(tokenizer, f"checkpoint {source!r}")
         return {
@@ -153,7 +166,7 @@ def _load_folder(source: str, torch_dtype: torch.dtype | None) -> dict:
             "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype),
             "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch_dtype),
             "tokenizer": tokenizer,
-            "scheduler": sched_cls.from_config(sched_config),
+            "scheduler": scheduler_from_config(sched_config),
         }
     except (OSError, EnvironmentError) as e:
         if local.exists():
@@ -199,6 +212,9 @@ def load_components(source: str | os.PathLike, *, config_dir: str | None = None,
         loaded = load_single_file(source, config_dir=config_dir, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
         meta = loaded.pop("metadata", {}) or {}
         return loaded, meta
+    if config_dir is not None:
+        logger.warning("config_dir=%s is not used: %s is a diffusers folder or hub id, which carries its own "
+                       "configs (config_dir is for single-file checkpoints)", config_dir, source)
     components = _load_folder(source, torch_dtype)
     return components, read_ip2p_meta(source) if Path(source).is_dir() else {}
 

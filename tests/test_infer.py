@@ -368,3 +368,26 @@ def test_infer_unreadable_instructions_file_is_a_one_line_error(photo, tmp_path,
     assert rc == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors and f"--instructions-file {ins} cannot be read (Permission denied)" in errors[-1]
+
+
+def test_a_scheduler_this_diffusers_lacks_falls_back_to_pndm_with_a_warning(tiny_editor_dir, tmp_path, caplog):
+    import shutil
+
+    from ip2p.models import load_components
+
+    odd = shutil.copytree(tiny_editor_dir, tmp_path / "odd")
+    path = odd / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "_class_name": "FutureScheduler"}))
+    components, _ = load_components(str(odd))
+    assert type(components["scheduler"]).__name__ == "PNDMScheduler"
+    assert any("'FutureScheduler' is not in this diffusers version" in r.getMessage() for r in caplog.records
+               if r.levelname == "WARNING")
+
+
+def test_config_dir_beside_a_folder_checkpoint_is_said_to_be_unused(tiny_editor_dir, tmp_path, caplog):
+    from ip2p.models import load_components
+
+    load_components(str(tiny_editor_dir), config_dir=str(tmp_path))
+    assert any("is not used" in r.getMessage() and "single-file" in r.getMessage() for r in caplog.records
+               if r.levelname == "WARNING")
