@@ -31,6 +31,9 @@ from typing import Any
 logger = logging.getLogger("ip2p.demo")
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+MANAGED_KEYS = ("output_dir", "model.pretrained", "data.path")
+"""Training config keys the demo sets from ``--output``; an override would train apart from the data and base it
+evaluates."""
 SPLIT_NAMES = {"heldout_combinations": "test_heldout_combinations", "heldout_phrasings": "test_heldout_phrasings"}
 
 
@@ -138,7 +141,7 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
     from ip2p import synthetic
     from ip2p.base import BaseSpec, build_base, read_base_meta
     from ip2p.config import load_config
-    from ip2p.eval.evaluate import load_examples, run_edits, sampling_settings, score_edits, write_json
+    from ip2p.eval.evaluate import load_examples, output_folder, run_edits, sampling_settings, score_edits, write_json
     from ip2p.eval.sweep import guidance_sweep, plot_sweep, write_table
     from ip2p.images import save_image
     from ip2p.inference import resolve_device
@@ -147,8 +150,11 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
     from ip2p.training import train
 
     started = time.perf_counter()
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    for item in overrides:
+        if item.partition("=")[0].strip() in MANAGED_KEYS:
+            raise ValueError(f"override {item!r}: the demo sets {', '.join(MANAGED_KEYS)} from its output folder; "
+                             "use --output DIR instead")
+    out = output_folder(output)
     timings: dict[str, float] = {}
 
     def lap(name: str, since: float) -> float:
@@ -255,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads {args.threads} must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:

@@ -192,3 +192,21 @@ def test_base_build_cli_options(tmp_path, capsys):
         with pytest.raises(SystemExit):
             base.main(["build", str(tmp_path / "bad"), "--unet-channels", "32,32", *bad])
         assert message in capsys.readouterr().err
+
+
+def test_bad_output_threads_and_managed_overrides_are_one_line_errors(tmp_path, caplog, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    assert demo.main(["--quick", "--output", str(a_file)]) == 2
+    assert "is a file; pass a folder" in caplog.text and a_file.read_text() == "keep me"
+    assert demo.main(["--quick", "--output", str(a_file / "run")]) == 2
+    assert "cannot be created" in caplog.text
+    # The demo sets these from --output: overriding one would train apart from the data and base it evaluates.
+    for key in ("output_dir", "data.path", "model.pretrained"):
+        caplog.clear()
+        assert demo.main(["--quick", "--output", str(tmp_path / "run"), f"{key}={tmp_path / 'other'}"]) == 2
+        assert "use --output DIR instead" in caplog.text
+    assert not (tmp_path / "run").exists() and not (tmp_path / "other").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--quick", "--output", str(tmp_path / "run"), "--threads", "0"])
+    assert exit_info.value.code == 2 and "--threads 0 must be at least 1" in capsys.readouterr().err

@@ -133,3 +133,37 @@ def test_cli_writes_metrics_and_sweep(tiny_editor_dir, dataset, tmp_path):
     assert main(["--checkpoint", str(tiny_editor_dir), "--data", str(tmp_path / "none"), "--output", str(out)]) == 2
     assert main(["--checkpoint", str(tiny_editor_dir), "--data", str(dataset), "--output", str(out),
                  "--device", "banana"]) == 2
+
+
+def test_cli_bad_inputs_fail_in_one_line_before_any_edit(tiny_editor_dir, dataset, tmp_path, caplog, monkeypatch):
+    from ip2p.eval.__main__ import main
+
+    def no_edit(*args, **kwargs):
+        raise AssertionError("a bad input must fail before any edit")
+
+    monkeypatch.setattr(sampling, "edit", no_edit)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    common = ["--checkpoint", str(tiny_editor_dir), "--data", str(dataset), "--limit", "1", "--steps", "1"]
+    cases = [
+        (["--output", str(a_file)], "is a file; pass a folder"),
+        (["--output", str(a_file / "sub")], "cannot be created"),
+        (["--output", str(tmp_path / "o"), "--text-guidance", "nan"], "--text-guidance nan must be finite numbers"),
+        (["--output", str(tmp_path / "o"), "--sweep", "--image-scales", "1,inf"],
+         "--image-scales 1.0,inf must be finite"),
+        (["--output", str(tmp_path / "o"), "--clip", str(dataset)], "could not be loaded"),
+        (["--output", str(tmp_path / "o"), "--sweep", "--sweep-limit", "0"], "--sweep-limit 0 must be at least 1"),
+        (["--output", str(tmp_path / "o"), "--split", "nope"], "split='nope' is not in"),
+    ]
+    for extra, message in cases:
+        caplog.clear()
+        assert main(common + extra) == 2, extra
+        assert message in caplog.text, (extra, caplog.text)
+    assert a_file.read_text() == "keep me"
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_run_edits_refuses_non_finite_guidance(editor, examples):
+    for kwargs in (dict(text_guidance=float("nan")), dict(image_guidance=float("inf"))):
+        with pytest.raises(ValueError, match="must be a finite number"):
+            ev.run_edits(editor, examples[:1], steps=1, progress=False, **kwargs)

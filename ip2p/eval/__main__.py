@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from ip2p.sampling import DEFAULT_IMAGE_GUIDANCE, DEFAULT_TEXT_GUIDANCE, SCHEDULERS
 
@@ -51,32 +51,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from ip2p.eval.evaluate import evaluate, load_examples, write_json
+    from ip2p.eval.evaluate import clip_scorer, evaluate, load_examples, output_folder, write_json
     from ip2p.eval.sweep import IMAGE_SCALES, TEXT_SCALES, guidance_sweep, plot_sweep, write_table
     from ip2p.inference import resolve_device
     from ip2p.models import load_editor
 
-    out = Path(args.output)
+    splits = args.splits or DEFAULT_SPLITS
     try:
+        if args.sweep and args.sweep_limit < 1:
+            raise ValueError(f"--sweep-limit {args.sweep_limit} must be at least 1")
+        for flag, values in (("--text-guidance", [args.text_guidance]), ("--image-guidance", [args.image_guidance]),
+                             ("--text-scales", args.text_scales or []), ("--image-scales", args.image_scales or [])):
+            if not all(math.isfinite(v) for v in values):
+                raise ValueError(f"{flag} {','.join(map(str, values))} must be finite numbers, e.g. 1.5")
+        # Everything that can be wrong with the data, the output folder or the CLIP model fails before any edit.
+        examples = {split: load_examples(args.data, split=split, limit=args.limit) for split in splits}
+        for split, found in examples.items():
+            if not found:
+                raise ValueError(f"split {split!r} of --data {args.data!r} has no examples; expected at least one")
+        sweep_examples = load_examples(args.data, split=splits[0], limit=args.sweep_limit) if args.sweep else []
+        out = output_folder(args.output)
+        clip = clip_scorer(args.clip)  # loaded once for every split and the sweep
         model = load_editor(args.checkpoint, config_dir=args.config_dir, expand=False,
                             device=resolve_device(args.device))
         sampling = dict(steps=args.steps, text_guidance=args.text_guidance, image_guidance=args.image_guidance,
                         scheduler=args.scheduler, seed=args.seed, batch_size=args.batch_size)
         metrics = {}
-        for split in args.splits or DEFAULT_SPLITS:
-            metrics[split] = evaluate(model, args.data, split=split, limit=args.limit, clip=args.clip, **sampling)
+        for split in splits:
+            metrics[split] = evaluate(model, examples[split], split=split, clip=clip, **sampling)
             logger.info("%s: success %.3f, strict success %.3f over %d examples", split, metrics[split]["success"],
                         metrics[split]["strict_success"], metrics[split]["n"])
         write_json(metrics, out / "metrics.json")
         logger.info("metrics: %s", out / "metrics.json")
         if args.sweep:
-            split = (args.splits or DEFAULT_SPLITS)[0]
-            examples = load_examples(args.data, split=split, limit=args.sweep_limit)
-            rows = guidance_sweep(model, examples, image_scales=args.image_scales or IMAGE_SCALES,
-                                  text_scales=args.text_scales or TEXT_SCALES, clip=args.clip, **sampling)
+            rows = guidance_sweep(model, sweep_examples, image_scales=args.image_scales or IMAGE_SCALES,
+                                  text_scales=args.text_scales or TEXT_SCALES, clip=clip, **sampling)
             write_json(rows, out / "sweep.json")
             write_table(rows, out / "sweep.csv")
-            plot_sweep(rows, out / "sweep.png", title=f"guidance sweep on {len(examples)} examples of {split}")
+            plot_sweep(rows, out / "sweep.png", title=f"guidance sweep on {len(sweep_examples)} examples of "
+                                                      f"{splits[0]}")
             logger.info("sweep: %s, %s, %s", out / "sweep.json", out / "sweep.csv", out / "sweep.png")
     except (ValueError, FileNotFoundError) as error:
         logger.error("error: %s", error)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -140,6 +141,9 @@ def run_edits(model: Any, examples: Sequence[EditExample], *, steps: int = 20, t
 
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be at least 1")
+    for name, value in (("text_guidance", text_guidance), ("image_guidance", image_guidance)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name}={value!r} must be a finite number, e.g. 1.5")
     model = _as_model(model)
     sched = _as_scheduler(model, scheduler)
     outputs: list[np.ndarray] = []
@@ -161,7 +165,7 @@ def run_edits(model: Any, examples: Sequence[EditExample], *, steps: int = 20, t
 # ------------------------------------------------------------------------------------------------------------ scoring
 
 
-def _clip_scorer(clip: Any) -> Any:
+def clip_scorer(clip: Any) -> Any:
     """A ClipScorer from a path (None when ``ip2p.eval.clip`` is unavailable), or ``clip`` itself."""
     if clip is None or not isinstance(clip, (str, os.PathLike)):
         return clip
@@ -193,7 +197,7 @@ def score_edits(examples: Sequence[EditExample], outputs: Sequence[Any], *, clip
         raise ValueError("examples is empty; expected at least one example to score")
     results = [edit_success(out, ex) for out, ex in zip(outputs, examples)]
     extra = {"l1_to_source": np.array([l1(out, ex.source) for out, ex in zip(outputs, examples)])}
-    scorer = _clip_scorer(clip)
+    scorer = clip_scorer(clip)
     if scorer is not None:
         extra.update(clip_scores(scorer, examples, outputs))
     summary = summarise(results)
@@ -235,6 +239,19 @@ def sampling_settings(*, steps: int, text_guidance: float, image_guidance: float
     name = scheduler if isinstance(scheduler, str) or scheduler is None else type(scheduler).__name__
     return {"steps": steps, "text_guidance": text_guidance, "image_guidance": image_guidance, "scheduler": name,
             "seed": seed}
+
+
+def output_folder(path: str | os.PathLike, flag: str = "--output") -> Path:
+    """Create the output folder ``path`` (parents too) before any work, or raise a ValueError saying why not."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {str(out)!r} is a file; pass a folder (new or existing) for the results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{flag} {str(out)!r} cannot be created ({error.strerror}); pass a folder you can write "
+                         "to") from None
+    return out
 
 
 def write_json(data: Any, path: str | os.PathLike) -> Path:

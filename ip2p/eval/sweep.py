@@ -43,12 +43,12 @@ def guidance_sweep(model: Any, examples: Sequence[EditExample], *, text_guidance
     ``s_I = image_guidance``; returns one row per setting (keys :data:`ROW_KEYS`, plus CLIP keys with ``clip``)."""
     from tqdm.auto import tqdm
 
-    from ip2p.eval.evaluate import _clip_scorer
+    from ip2p.eval.evaluate import clip_scorer
 
     if not examples:
         raise ValueError("examples is empty; expected at least one example to sweep over")
     model = _as_model(model)
-    scorer = _clip_scorer(clip)  # loaded once for all settings
+    scorer = clip_scorer(clip)  # loaded once for all settings
     settings = [("image", float(text_guidance), float(s)) for s in image_scales]
     settings += [("text", float(s), float(image_guidance)) for s in text_scales]
     rows = []
