@@ -871,9 +871,17 @@ def _add_field_options(parser: argparse.ArgumentParser, defaults: Any, names: Se
                             help=f"{what} {name} (default {default})")
 
 
-def _fields_from_args(cls: type, args: argparse.Namespace, names: Sequence[str], prefix: str) -> Any:
-    """``cls`` with the fields in ``names`` read from the options :func:`_add_field_options` added."""
-    return cls(**{name: getattr(args, prefix.replace("-", "_") + name) for name in names})
+def _fields_from_args(parser: argparse.ArgumentParser, cls: type, args: argparse.Namespace, names: Sequence[str],
+                      prefix: str) -> Any:
+    """``cls`` with the fields in ``names`` read from the options :func:`_add_field_options` added; counts must be at
+    least 1 (a seed at least 0), other numbers finite and not negative, a learning rate above 0."""
+    values = {name: getattr(args, prefix.replace("-", "_") + name) for name in names}
+    for name, value in values.items():
+        lowest = 0 if name == "seed" or isinstance(value, float) else 1
+        if not math.isfinite(value) or value < lowest or (name == "lr" and value <= 0):
+            parser.error(f"--{prefix}{name.replace('_', '-')} {value} must be "
+                         + ("a number > 0" if name == "lr" else f"a finite number >= {lowest}"))
+    return cls(**values)
 
 
 def _add_unet_options(parser: argparse.ArgumentParser) -> None:
@@ -916,6 +924,9 @@ def _spec_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, p
     if not hasattr(args, "unet_channels"):
         unet, noise_shift = UNetSpec(), BaseSpec().noise_shift
     else:
+        if min(args.unet_channels + (args.unet_layers,)) < 1:
+            parser.error(f"--unet-channels {','.join(map(str, args.unet_channels))} and --unet-layers "
+                         f"{args.unet_layers} must be at least 1")
         levels = len(args.unet_channels)
         attention = args.unet_attention if args.unet_attention is not None else (False,) + (True,) * (levels - 1)
         if len(attention) != levels:
@@ -923,9 +934,12 @@ def _spec_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, p
         unet = UNetSpec(block_out_channels=args.unet_channels, layers_per_block=args.unet_layers,
                         attention=attention, pooled_text=args.pooled_text, scale_shift=args.scale_shift)
         noise_shift = args.noise_shift
-    pretraining = (_fields_from_args(UNetPretraining, args, _UNET_PRETRAINING_OPTIONS, "pretrain-") if pretrained
-                   else None)
-    text = (_fields_from_args(TextPretraining, args, _TEXT_PRETRAINING_OPTIONS, "text-")
+    if args.text_hidden_size < 1 or args.text_layers < 0:
+        parser.error(f"--text-hidden-size {args.text_hidden_size} must be at least 1 and --text-layers "
+                     f"{args.text_layers} at least 0")
+    pretraining = (_fields_from_args(parser, UNetPretraining, args, _UNET_PRETRAINING_OPTIONS, "pretrain-")
+                   if pretrained else None)
+    text = (_fields_from_args(parser, TextPretraining, args, _TEXT_PRETRAINING_OPTIONS, "text-")
             if getattr(args, "pretrained_text", True) else None)
     return BaseSpec(unet=unet, text_hidden_size=args.text_hidden_size, text_layers=args.text_layers,
                     noise_shift=noise_shift, unet_pretraining=pretraining, text_pretraining=text)
@@ -969,12 +983,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_text_options(build_p, choose=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if getattr(args, "threads", None):
+    # Settings that would fail (or write over a folder) after minutes of training fail here.
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            parser.error(f"--threads {args.threads} must be at least 1")
         torch.set_num_threads(args.threads)
+    if getattr(args, "device", None) is not None:
+        from ip2p.inference import resolve_device
+
+        try:
+            args.device = str(resolve_device(args.device))
+        except ValueError as e:
+            parser.error(str(e))
+    if args.command != "build" and Path(args.out).is_dir():
+        parser.error(f"--out {args.out!r} is a folder; pass the .safetensors file to write")
+    try:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"{args.out!r} cannot be written ({e.strerror}); pass a path in a folder you can write to")
     if args.command == "vae":
         spec = VaeSpec(block_out_channels=args.channels, latent_channels=args.latent_channels,
                        layers_per_block=args.layers_per_block)
-        training = _fields_from_args(VaeTraining, args, _VAE_TRAINING_OPTIONS, "")
+        training = _fields_from_args(parser, VaeTraining, args, _VAE_TRAINING_OPTIONS, "")
+        if min(args.channels + (args.latent_channels, args.layers_per_block)) < 1:
+            parser.error(f"--channels {','.join(map(str, args.channels))}, --latent-channels {args.latent_channels} "
+                         f"and --layers-per-block {args.layers_per_block} must be at least 1")
+        if Path(args.out).resolve() == VAE_ASSET.resolve() and (spec, training) != (VaeSpec(), VaeTraining()):
+            # ensure_vae uses the asset only for the default settings: other ones would make every demo retrain it
+            parser.error(f"--out defaults to the shipped {VAE_ASSET.name}, which holds the default settings; pass "
+                         "--out FILE to write a VAE of other settings")
         vae, report = train_vae(spec, training, device=args.device)
         path = save_vae(vae, args.out, spec=spec, training=training, report=report)
         logger.info("wrote %s (%.2f MB): %s", path, path.stat().st_size / 1e6, json.dumps(report))
@@ -986,10 +1023,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.info("%s already holds the text encoder of these settings; nothing to do", args.out)
             return 0
         with tempfile.TemporaryDirectory() as tmp:
-            text_encoder, header = ensure_text_encoder(spec, tmp)
+            try:
+                text_encoder, header = ensure_text_encoder(spec, tmp)
+            except ValueError as e:
+                parser.error(str(e))
             path = scene_clip.save_text_encoder(text_encoder, args.out, key=header["key"], report=header["report"])
         logger.info("wrote %s (%.2f MB): %s", path, path.stat().st_size / 1e6, json.dumps(header["report"]))
     elif args.command == "unet":
+        if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
+            parser.error(f"--minutes {args.minutes} must be a number > 0")
         spec = _spec_from_args(parser, args, pretrained=True)
         try:
             unet, spec, report = pretrain_unet(spec, device=args.device, minutes=args.minutes,
@@ -1005,6 +1047,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = build_base(args.out, spec, force=args.force)
         except ValueError as e:
             parser.error(str(e))
+        except OSError as e:  # OUT below a file, or on a read-only or full disk
+            parser.error(f"cannot write the base model to {args.out!r}: {e.strerror or e}; pass a folder you can "
+                         "write to")
         logger.info("base model: %s", out)
     return 0
 

@@ -1106,6 +1106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (ValueError, FileExistsError) as error:
         parser.error(str(error))
+    except OSError as error:  # e.g. OUT below a file, or on a read-only or full disk
+        parser.error(f"cannot write the dataset to {args.out!r}: {error.strerror or error}; pass a folder you can "
+                     "write to")
     logger.info("dataset: %s", out)
     return 0
 

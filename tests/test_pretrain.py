@@ -156,3 +156,31 @@ def test_unet_cli_errors_are_one_line(capsys):
     with pytest.raises(SystemExit):
         base.main(["unet", "--unet-channels", "16,32", "--unet-attention", "1"])
     assert "--unet-attention has 1 flags" in capsys.readouterr().err
+
+
+def test_base_cli_bad_options_fail_in_one_line_before_training(tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    out = str(tmp_path / "vae.safetensors")
+    cases = [
+        (["vae", "--out", out, "--steps", "0"], "--steps 0 must be a finite number >= 1"),
+        (["vae", "--out", out, "--lr", "nan"], "--lr nan must be a number > 0"),
+        (["vae", "--out", out, "--latent-channels", "0"], "--latent-channels 0"),
+        (["vae", "--out", out, "--device", "banana"], "--device 'banana' is not a device name"),
+        (["vae", "--out", out, "--threads", "-1"], "--threads -1 must be at least 1"),
+        (["vae", "--out", str(tmp_path)], "is a folder; pass the .safetensors file"),
+        (["vae", "--out", str(a_file / "vae.safetensors")], "cannot be written"),
+        # The shipped VAE is used only for its own settings: writing others over it would make the demo retrain.
+        (["vae", "--steps", "10"], "--out defaults to the shipped demo_vae.safetensors"),
+        (["text", "--out", out, "--text-steps", "0"], "--text-steps 0 must be"),
+        (["unet", "--out", out, "--minutes", "-1"], "--minutes -1.0 must be a number > 0"),
+        (["build", str(tmp_path / "b"), "--unet-channels", "0,0"], "--unet-channels 0,0"),
+        (["build", str(a_file / "base")], "cannot be written"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            base.main(argv)
+        assert exit_info.value.code == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert a_file.read_text() == "keep me" and not (tmp_path / "vae.safetensors").exists()
+    assert base._vae_matches(base.VAE_ASSET, base.VaeSpec(), base.VaeTraining())

@@ -340,3 +340,13 @@ def test_cli_writes_a_dataset(tmp_path):
     assert info["num_rows"] == {"train": 4, "test_heldout_combinations": 2, "test_heldout_phrasings": 2}
     assert re.search(r"split: test_heldout_phrasings", (out / "README.md").read_text())
     assert os.path.isfile(out / info["files"]["train"][0])
+
+
+def test_cli_unwritable_output_is_a_one_line_error(tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    with pytest.raises(SystemExit) as exit_info:
+        syn.main([str(a_file / "data"), "--n-train", "2", "--n-test", "1", "--size", "32"])
+    assert exit_info.value.code == 2
+    assert "cannot write the dataset to" in capsys.readouterr().err
+    assert a_file.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
