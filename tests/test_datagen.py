@@ -377,3 +377,30 @@ def test_writer_resume_drops_uncommitted_files_and_refuses_other_settings(tmp_pa
         DatasetWriter(out, settings={"steps": 20})
     with pytest.raises(ValueError, match="format='zip'"):
         DatasetWriter(out, formats="zip")
+
+
+def test_cli_bad_out_device_and_non_finite_settings_fail_before_any_model(tmp_path, caplog):
+    from ip2p.datagen import cli
+    from ip2p.datagen.config import FinetuneConfig, ImageConfig
+
+    for make in (lambda: ImageConfig(cfg_min=math.nan, cfg_max=math.nan), lambda: TextConfig(temperature=math.nan),
+                 lambda: FinetuneConfig(lr=math.nan), lambda: FilterConfig(min_dir_sim=math.nan)):
+        with pytest.raises(ValueError, match="must be a finite number"):
+            make()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    missing = str(tmp_path / "no-model")  # never reached: the checks come first
+    cases = [
+        # save_pretrained only warns about a file: the fine-tuned model used to be lost after training.
+        (["finetune-lm", "--model", missing, "--out", str(a_file)], "--out '" + str(a_file) + "' is a file"),
+        (["finetune-lm", "--model", missing, "--out", str(tmp_path / "o"), "--device", "banana"],
+         "--device 'banana' is not a device name"),
+        (["text", "--model", missing, "--captions", str(a_file), "--out", str(a_file / "p.jsonl")],
+         "the folder of --out"),
+        (["filter", "--in", str(tmp_path), "--out", str(a_file)], "is a file"),
+    ]
+    for argv, message in cases:
+        caplog.clear()
+        assert cli.main(argv) == 2, argv
+        assert message in caplog.text, (argv, caplog.text)
+    assert a_file.read_text() == "keep me"

@@ -5,9 +5,18 @@ Plain dataclasses without model imports, so the command line (and its ``--help``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 __all__ = ["FilterConfig", "FinetuneConfig", "ImageConfig", "TextConfig"]
+
+
+def _check_finite(config: object) -> None:
+    """NaN passes every ``<``/``>`` check below (and inf some), and would run a whole stage for nothing."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name}={value} must be a finite number")
 
 
 @dataclass
@@ -30,6 +39,7 @@ class TextConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature} must be >= 0 (0: greedy)")
         if not 0 < self.top_p <= 1:
@@ -52,6 +62,7 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1 or self.gradient_accumulation < 1:
             raise ValueError(f"epochs={self.epochs} and lr={self.lr} must be > 0, batch_size={self.batch_size} and "
                              f"gradient_accumulation={self.gradient_accumulation} >= 1")
@@ -76,6 +87,7 @@ class ImageConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         if not 0.0 <= self.p_min <= self.p_max <= 1.0:
             raise ValueError(f"p range [{self.p_min}, {self.p_max}] must satisfy 0 <= min <= max <= 1")
         if self.cfg_min > self.cfg_max:
@@ -95,5 +107,6 @@ class FilterConfig:
     keep_top: int = 4
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         if self.keep_top < 1:
             raise ValueError(f"keep_top={self.keep_top} must be at least 1")
