@@ -90,6 +90,18 @@ def test_load_examples_from_dataset_folder_and_glob(dataset):
         ev.load_examples(dataset / "missing")
 
 
+def test_a_glob_over_every_split_keeps_the_rows_of_the_split_asked(dataset):
+    everything = str(dataset / "data" / "*.parquet")
+    for split in ("test_heldout_phrasings", "test_heldout_combinations"):
+        rows = ev.load_examples(everything, split=split)
+        assert rows and {r.metadata["split"] for r in rows} == {split}
+        assert [r.instruction for r in rows] == [r.instruction for r in ev.load_examples(dataset, split=split)]
+    one_split = str(dataset / "data" / "test_heldout_phrasings-*.parquet")
+    with pytest.raises(ValueError, match=r"no rows of split 'test_heldout_combinations', only of "
+                                         r"\['test_heldout_phrasings'\]"):
+        ev.load_examples(one_split, split="test_heldout_combinations")
+
+
 def test_scene_caption():
     scene = {"background": "white", "objects": [{"shape": "circle", "colour": "red"},
                                                 {"shape": "star", "colour": "orange"}]}

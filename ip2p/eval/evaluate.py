@@ -78,7 +78,11 @@ def load_examples(data: str | os.PathLike | Iterable[EditExample | Mapping[str, 
         import pyarrow.parquet as pq
 
         examples: list[EditExample] = []
-        for file in _parquet_files(os.fspath(data), split):
+        path = os.fspath(data)
+        # Files named by a glob or one path hold rows of any split: keep those of ``split`` (their metadata says).
+        chosen = glob.has_magic(path) or os.path.isfile(os.path.expanduser(path))
+        other_splits: set[str] = set()
+        for file in _parquet_files(path, split):
             table = pq.read_table(file)
             missing = {"input_image", "edited_image", "mask", "edit_prompt", "edit_type", "metadata"} - set(
                 table.column_names)
@@ -86,9 +90,16 @@ def load_examples(data: str | os.PathLike | Iterable[EditExample | Mapping[str, 
                 raise ValueError(f"{file} lacks the columns {sorted(missing)}; expected rows written by "
                                  "ip2p.synthetic.write_dataset")
             for row in table.to_pylist():
-                examples.append(EditExample.from_row(row))
+                example = EditExample.from_row(row)
+                if chosen and example.metadata.get("split", split) != split:
+                    other_splits.add(str(example.metadata.get("split")))
+                    continue
+                examples.append(example)
                 if limit is not None and len(examples) >= limit:
                     return examples
+        if not examples and other_splits:
+            raise ValueError(f"data={path!r} has no rows of split {split!r}, only of {sorted(other_splits)}; "
+                             "choose one of those with --split")
         return examples
     examples = [e if isinstance(e, EditExample) else EditExample.from_row(e) for e in data]
     return examples[:limit] if limit is not None else examples
