@@ -29,7 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ip2p.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="editor: diffusers folder or single .safetensors file")
     parser.add_argument("--config-dir", default=None, help="diffusers folder describing a single-file checkpoint")
-    parser.add_argument("--data", required=True, help="synthetic dataset folder, parquet file or glob (of files: the rows of --split)")
+    parser.add_argument("--data", required=True,
+                        help="synthetic dataset folder, parquet file or glob (of files: the rows of --split)")
     parser.add_argument("--split", action="append", dest="splits", default=None,
                         help=f"split to evaluate (repeatable; default: {', '.join(DEFAULT_SPLITS)})")
     parser.add_argument("--limit", type=int, default=None, help="first N examples of each split (default all)")
