@@ -130,6 +130,33 @@ def test_guidance_sweep_table_and_plot(editor, examples, tmp_path):
     assert len(table) == 1 + len(rows) and table[0].startswith("sweep,text_guidance,image_guidance,success")
 
 
+def test_sweep_table_and_plot_failing_mid_write_keep_the_previous_files(tmp_path, monkeypatch):
+    import csv
+
+    from matplotlib.figure import Figure
+
+    rows = [dict(sweep="image", text_guidance=1.5, image_guidance=g, **{k: 0.5 for k in sw.ROW_KEYS[3:]})
+            for g in (1.0, 2.0)]
+    table, png = sw.write_table(rows, tmp_path / "sweep.csv"), sw.plot_sweep(rows, tmp_path / "sweep.png")
+    before = table.read_bytes(), png.read_bytes()
+
+    def torn_row(self, row):
+        raise OSError(28, "No space left on device")
+
+    def torn_png(self, fname, **kwargs):
+        open(fname, "wb").write(b"\x89PNG")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(csv.DictWriter, "writerow", torn_row)
+    monkeypatch.setattr(Figure, "savefig", torn_png)
+    with pytest.raises(OSError):
+        sw.write_table(rows, table)
+    with pytest.raises(OSError):
+        sw.plot_sweep(rows, png)
+    assert (table.read_bytes(), png.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.csv", "sweep.png"]
+
+
 def test_cli_writes_metrics_and_sweep(tiny_editor_dir, dataset, tmp_path):
     from ip2p.eval.__main__ import main
 

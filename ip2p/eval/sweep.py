@@ -67,10 +67,11 @@ def guidance_sweep(model: Any, examples: Sequence[EditExample], *, text_guidance
 
 def write_table(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     """Write sweep rows as CSV (columns in :data:`ROW_KEYS` order, then any others); returns the path."""
+    from ip2p import atomic
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     columns = list(ROW_KEYS) + sorted({k for row in rows for k in row} - set(ROW_KEYS))
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+    with atomic.writing_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
@@ -126,7 +127,9 @@ def plot_sweep(rows: Sequence[dict], path: str | os.PathLike, *, title: str | No
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    from ip2p import atomic
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic.writing_file(path) as tmp:  # a kill never leaves a cut-off PNG in place of the last one
+        fig.savefig(tmp, format="png")
     return path
