@@ -234,6 +234,8 @@ def run(args: argparse.Namespace) -> int:
     sweep_image = parse_scales(args.sweep_image, "--sweep-image") if args.sweep else []
     jobs = plan_jobs(paths, instructions, args.output, args.num_images, args.sweep)
     _make_output_folders(jobs)
+    if len(paths) == 1:  # a broken lone input fails now, not after minutes of loading a model
+        img.load_image(paths[0], max_pixels=args.max_pixels)
     device = resolve_device(args.device)
     dtype = DTYPES["fp16" if device.type != "cpu" else "fp32"] if args.dtype == "auto" else DTYPES[args.dtype]
     if device.type == "cpu" and dtype == torch.float16:

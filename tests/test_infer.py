@@ -391,3 +391,13 @@ def test_config_dir_beside_a_folder_checkpoint_is_said_to_be_unused(tiny_editor_
     load_components(str(tiny_editor_dir), config_dir=str(tmp_path))
     assert any("is not used" in r.getMessage() and "single-file" in r.getMessage() for r in caplog.records
                if r.levelname == "WARNING")
+
+
+def test_infer_a_broken_lone_input_fails_before_the_model_loads(tmp_path, caplog):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    rc = infer.main(["--checkpoint", str(tmp_path / "no-such-model"), "--image", str(bad), "--instruction", "x",
+                     "--quiet", "--output", str(tmp_path / "o.png")])
+    assert rc == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors and "bad.png" in errors[-1] and "no-such-model" not in errors[-1]
