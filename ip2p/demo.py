@@ -138,10 +138,19 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
     ``device``: where evaluation runs (default ``auto``: PyTorch's accelerator if any, as Accelerate picks for
     training, else the CPU); checked before any work starts.
     """
+    from PIL import Image
+
     from ip2p import synthetic
     from ip2p.base import BaseSpec, build_base, read_base_meta
     from ip2p.config import load_config
-    from ip2p.eval.evaluate import load_examples, output_folder, run_edits, sampling_settings, score_edits, write_json
+    from ip2p.eval.evaluate import (
+        load_examples,
+        output_folder,
+        run_edits,
+        sampling_settings,
+        score_edits,
+        write_json,
+    )
     from ip2p.eval.sweep import guidance_sweep, plot_sweep, write_table
     from ip2p.images import save_image
     from ip2p.inference import resolve_device
@@ -209,11 +218,15 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
     t = lap("evaluate", t)
 
     logger.info("5/6 grid of held-out edits -> %s", out / "grid.png")
-    rows = []
+    grid_rows = []
     for (key, split), count in zip(SPLIT_NAMES.items(), settings.grid_per_split):
         for i in _grid_examples(examples[key], count):
-            rows.append((examples[key][i], outputs[key][i], key.replace("_", " ")))
-    save_image(_grid(rows), out / "grid.png")
+            grid_rows.append((examples[key][i], outputs[key][i], key.replace("_", " ")))
+    save_image(_grid(grid_rows), out / "grid.png")
+    # The grid's held-out inputs as files, to try the model on with infer.py (the command is logged at the end).
+    inputs = out / "inputs"
+    for k, (example, _, _) in enumerate(grid_rows):
+        save_image(Image.fromarray(example.source), inputs / f"{k}.png")
     t = lap("grid", t)
 
     logger.info("6/6 guidance sweep on %d held-out-combination examples", settings.sweep_examples)
@@ -241,13 +254,39 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
         "timings": timings,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "files": {name: str(out / name) for name in
-                  ("final", "final.safetensors", "grid.png", "metrics.json", "sweep.png", "sweep.csv", "sweep.json")},
+                  ("final", "final.safetensors", "grid.png", "inputs", "metrics.json", "sweep.png", "sweep.csv",
+                   "sweep.json")},
     })
+    metrics["infer_command"] = infer_command(final, inputs / "0.png", grid_rows[0][0].instruction, sampling,
+                                             out / "my_edit.png") if grid_rows else None
     write_json(metrics, out / "metrics.json")
     for name, path in metrics["files"].items():
         logger.info("%-17s %s%s", name, path, "" if Path(path).exists() else " (missing)")
+    if metrics["infer_command"]:
+        logger.info("edit with it (any instruction; the images in %s are held-out scenes): %s", inputs,
+                    metrics["infer_command"])
     logger.info("summary: %s", _summary_line(metrics))
     return metrics
+
+
+def infer_command(checkpoint: str | os.PathLike, image: str | os.PathLike, instruction: str,
+                  sampling: dict[str, Any], output: str | os.PathLike) -> str:
+    """The ``infer.py`` command that edits ``image`` as the demo's evaluation does: the input's own 64 px size (not
+    infer.py's 512 px default, which suits Stable Diffusion) and the evaluation's sampler and guidance scales."""
+    import shlex
+
+    def short(path: str | os.PathLike) -> str:  # relative to the working folder where that is shorter
+        relative = os.path.relpath(path)
+        return relative if not relative.startswith("..") else str(path)
+
+    # This interpreter where it lives below the working folder (a project's .venv), else whichever `python` is set up.
+    python = os.path.relpath(sys.executable) if sys.executable else ".."
+    python = python if not python.startswith("..") else "python"
+    args = [python, short(CONFIGS.parent / "infer.py"), "--checkpoint", str(checkpoint), "--image", str(image), "--instruction",
+            instruction, "--resolution", "0", "--steps", str(sampling["steps"]), "--scheduler",
+            str(sampling["scheduler"]), "--text-guidance", f"{sampling['text_guidance']:g}", "--image-guidance",
+            f"{sampling['image_guidance']:g}", "--seed", str(sampling["seed"]), "--output", str(output)]
+    return shlex.join(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,7 @@ def quick_run(tmp_path_factory):
 
 def test_quick_demo_writes_every_output(quick_run):
     for name in ("final", "final.safetensors", "grid.png", "metrics.json", "sweep.png", "sweep.csv", "sweep.json",
-                 "data/params.json", "base/model_index.json"):
+                 "data/params.json", "base/model_index.json", "inputs/0.png"):
         assert (quick_run / name).exists(), name
     assert (quick_run / "grid.png").read_bytes()[:4] == b"\x89PNG"
     # The model is an ordinary InstructPix2Pix folder that diffusers loads.
@@ -29,6 +29,22 @@ def test_quick_demo_writes_every_output(quick_run):
     # Trained for x0 on a zero-terminal-SNR schedule: the export carries both, with a sampler that can step them.
     assert pipe.scheduler.config.prediction_type == "sample" and pipe.scheduler.config.rescale_betas_zero_snr
     assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+
+
+def test_quick_demo_logs_an_infer_command_that_edits_a_held_out_input(quick_run):
+    import shlex
+
+    from PIL import Image
+
+    import infer
+
+    metrics = json.loads((quick_run / "metrics.json").read_text())
+    args = shlex.split(metrics["infer_command"])
+    assert args[1].endswith("infer.py") and args[args.index("--resolution") + 1] == "0"
+    assert sorted(p.name for p in (quick_run / "inputs").iterdir())[0] == "0.png"
+    assert infer.main(args[2:] + ["--quiet"]) == 0
+    edited = Image.open(quick_run / "my_edit.png")
+    assert edited.size == Image.open(quick_run / "inputs" / "0.png").size == (64, 64)
 
 
 def test_quick_demo_metrics_structure(quick_run):
