@@ -549,23 +549,29 @@ class Trainer:
         return final
 
     def _prune(self, keep: Path) -> None:
-        """Delete the checkpoints newer than ``keep`` (the one just written), then the oldest beyond
+        """Move the checkpoints newer than ``keep`` (the one just written) aside, then delete the oldest beyond
         ``train.checkpoints_total_limit``. Newer ones are left by the run that this one resumed before their step
-        (to change a setting, or past a damaged one): kept, resume=latest would go back to that abandoned run, and
-        the pruning would delete this run's own checkpoints first. Each is renamed before it is deleted, so a kill
-        never leaves a half-deleted folder that looks complete."""
+        (to change a setting, or past a damaged one): left in place, resume=latest would go back to that abandoned
+        run, and the pruning would delete this run's own checkpoints first. They are renamed ``abandoned-step-N``
+        (nothing is lost; resume=<that folder> still works). Each deleted one is renamed before it is deleted, so a
+        kill never leaves a half-deleted folder that looks complete."""
         limit = self.cfg.train.checkpoints_total_limit
         found = [(step, path) for step, path in list_checkpoints(self.out) if path != keep]
-        newer = [path for step, path in found if step > self.global_step]
-        if newer:
-            logger.warning("deleting %s: checkpoints of the run that this one, resumed from an older checkpoint, "
-                           "replaces", ", ".join(path.name for path in newer))
+        for step, path in found:
+            if step > self.global_step:
+                aside = path.with_name(f"abandoned-{path.name}")
+                n = 1
+                while aside.exists():
+                    n += 1
+                    aside = path.with_name(f"abandoned-{path.name}-{n}")
+                os.replace(path, aside)
+                logger.warning("moved %s aside to %s: this run, resumed from an older checkpoint, replaces the run "
+                               "that wrote it (delete it when it is not needed)", path.name, aside.name)
         older = [path for step, path in found if step <= self.global_step]
-        doomed = newer + (older[: len(older) - (limit - 1)] if limit > 0 and len(older) > limit - 1 else [])
-        for path in doomed:
-            aside = path.with_name(f".del-{path.name}")
-            os.replace(path, aside)
-            shutil.rmtree(aside, ignore_errors=True)
+        for path in older[: len(older) - (limit - 1)] if limit > 0 and len(older) > limit - 1 else []:
+            doomed = path.with_name(f".del-{path.name}")
+            os.replace(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore the training state from ``path``; a damaged checkpoint is a ValueError naming it, one saved with

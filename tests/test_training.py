@@ -648,6 +648,8 @@ def test_resuming_an_older_checkpoint_starts_a_new_line_with_this_runs_settings(
     # Step 3 belonged to the abandoned run: resume=latest must not pick it up, so it is gone once this run saves.
     assert [s for s, _ in list_checkpoints(out)] == [1, 2]
     assert "step-000003" in caplog.text
+    # ... but nothing is lost: it is moved aside, whole, where resume=latest does not look.
+    assert (out / "checkpoints" / "abandoned-step-000003" / "model.safetensors").is_file()
     # The final step's checkpoint is this run's, not the abandoned run's checkpoint of the same step.
     new_step2 = load_file(out / "checkpoints" / "step-000002" / "model.safetensors")
     assert max_diff(new_step2, unet_weights(out / "final")) == 0
