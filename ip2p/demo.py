@@ -275,15 +275,15 @@ def infer_command(checkpoint: str | os.PathLike, image: str | os.PathLike, instr
     infer.py's 512 px default, which suits Stable Diffusion) and the evaluation's sampler and guidance scales."""
     import shlex
 
-    def short(path: str | os.PathLike) -> str:  # relative to the working folder where that is shorter
+    def short(path: str | os.PathLike) -> str | None:  # relative to the working folder, if below it
         relative = os.path.relpath(path)
-        return relative if not relative.startswith("..") else str(path)
+        return None if relative.startswith("..") else relative
 
     # This interpreter where it lives below the working folder (a project's .venv), else whichever `python` is set up.
-    python = os.path.relpath(sys.executable) if sys.executable else ".."
-    python = python if not python.startswith("..") else "python"
-    args = [python, short(CONFIGS.parent / "infer.py"), "--checkpoint", str(checkpoint), "--image", str(image), "--instruction",
-            instruction, "--resolution", "0", "--steps", str(sampling["steps"]), "--scheduler",
+    python = (short(sys.executable) if sys.executable else None) or "python"
+    script = CONFIGS.parent / "infer.py"
+    args = [python, short(script) or str(script), "--checkpoint", str(checkpoint), "--image", str(image),
+            "--instruction", instruction, "--resolution", "0", "--steps", str(sampling["steps"]), "--scheduler",
             str(sampling["scheduler"]), "--text-guidance", f"{sampling['text_guidance']:g}", "--image-guidance",
             f"{sampling['image_guidance']:g}", "--seed", str(sampling["seed"]), "--output", str(output)]
     return shlex.join(args)
