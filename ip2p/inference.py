@@ -126,7 +126,9 @@ def read_instructions(args: argparse.Namespace) -> list[str]:
             raise ValueError("--instruction is empty; say what to change, e.g. --instruction 'make it winter'")
         return [args.instruction]
     path = Path(args.instructions_file)
-    if not path.is_file():
+    if path.is_dir():
+        raise ValueError(f"--instructions-file {path} is a folder; give a text file with one instruction per line")
+    if not path.exists():  # other than a regular file (a pipe, /dev/stdin) is read as it is
         raise FileNotFoundError(f"--instructions-file {path}: no such file")
     try:
         text = path.read_text(encoding="utf-8")

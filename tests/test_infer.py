@@ -401,3 +401,33 @@ def test_infer_a_broken_lone_input_fails_before_the_model_loads(tmp_path, caplog
     assert rc == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors and "bad.png" in errors[-1] and "no-such-model" not in errors[-1]
+
+
+@pytest.mark.parametrize("kind", ["folder", "pipe"])
+def test_instructions_file_that_is_a_folder_or_a_pipe(tmp_path, kind):
+    import argparse
+    import os
+
+    from ip2p.inference import read_instructions
+
+    path = tmp_path / "instructions"
+    if kind == "folder":
+        path.mkdir()
+        with pytest.raises(ValueError, match="is a folder; give a text file"):
+            read_instructions(argparse.Namespace(instruction=None, instructions_file=str(path)))
+        return
+    import threading
+
+    os.mkfifo(path)
+
+    def write() -> None:  # the other end of the pipe, as a shell's process substitution would be
+        with open(path, "w") as handle:
+            handle.write("make it winter\n\nturn the cat black\n")
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        assert read_instructions(argparse.Namespace(instruction=None, instructions_file=str(path))) == [
+            "make it winter", "turn the cat black"]
+    finally:
+        writer.join(timeout=10)
