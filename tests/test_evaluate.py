@@ -206,3 +206,10 @@ def test_run_edits_refuses_non_finite_guidance(editor, examples):
     for kwargs in (dict(text_guidance=float("nan")), dict(image_guidance=float("inf"))):
         with pytest.raises(ValueError, match="must be a finite number"):
             ev.run_edits(editor, examples[:1], steps=1, progress=False, **kwargs)
+
+
+def test_a_file_that_is_not_parquet_is_named(tmp_path):
+    notes = tmp_path / "notes.parquet"
+    notes.write_text("not a table")
+    with pytest.raises(ValueError, match=r"notes.parquet cannot be read as parquet .*ip2p.synthetic.write_dataset"):
+        ev.load_examples(notes)

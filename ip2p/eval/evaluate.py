@@ -83,7 +83,11 @@ def load_examples(data: str | os.PathLike | Iterable[EditExample | Mapping[str, 
         chosen = glob.has_magic(path) or os.path.isfile(os.path.expanduser(path))
         other_splits: set[str] = set()
         for file in _parquet_files(path, split):
-            table = pq.read_table(file)
+            try:
+                table = pq.read_table(file)
+            except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+                raise ValueError(f"{file} cannot be read as parquet ({' '.join(str(error).split())}); expected "
+                                 "files written by ip2p.synthetic.write_dataset") from None
             missing = {"input_image", "edited_image", "mask", "edit_prompt", "edit_type", "metadata"} - set(
                 table.column_names)
             if missing:
