@@ -27,8 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["chmod_tree", "fsync_file", "fsync_tree", "remove_stale", "sibling", "swap_in", "write_bytes", "write_json",
-           "write_text", "writing_file", "writing_folder"]
+__all__ = ["chmod_tree", "fsync_file", "fsync_tree", "output_folder", "remove_stale", "sibling", "swap_in",
+           "write_bytes", "write_json", "write_text", "writing_file", "writing_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +193,19 @@ def writing_folder(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def output_folder(path: str | os.PathLike, flag: str = "--output") -> Path:
+    """Create the output folder ``path`` (parents too) before any work, or raise a ValueError saying why not."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {str(out)!r} is a file; pass a folder (new or existing) for the results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{flag} {str(out)!r} cannot be created ({error.strerror}); pass a folder you can write "
+                         "to") from None
+    return out
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

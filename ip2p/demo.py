@@ -141,16 +141,10 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
     from PIL import Image
 
     from ip2p import synthetic
+    from ip2p.atomic import output_folder
     from ip2p.base import BaseSpec, build_base, read_base_meta
     from ip2p.config import load_config
-    from ip2p.eval.evaluate import (
-        load_examples,
-        output_folder,
-        run_edits,
-        sampling_settings,
-        score_edits,
-        write_json,
-    )
+    from ip2p.eval.evaluate import load_examples, run_edits, sampling_settings, score_edits, write_json
     from ip2p.eval.sweep import guidance_sweep, plot_sweep, write_table
     from ip2p.images import save_image
     from ip2p.inference import resolve_device

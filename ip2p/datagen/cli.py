@@ -14,6 +14,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from ip2p.atomic import output_folder
+
 logger = logging.getLogger("ip2p.datagen")
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -41,13 +43,6 @@ def _dtype(name: str, device, *, training: bool = False):
         # Half precision for inference on accelerators (as the orig's autocast); training keeps float32 master weights.
         return torch.float32 if device.type == "cpu" or training else torch.float16
     return getattr(torch, name)
-
-
-def _out_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """``--out`` as a folder, created now: a file there or an unwritable place fails before any model is loaded."""
-    from ip2p.eval.evaluate import output_folder
-
-    return output_folder(path, flag)
 
 
 def _shard(args):
@@ -165,7 +160,8 @@ def _cmd_finetune(args) -> int:
                             gradient_accumulation=args.gradient_accumulation, weight_decay=args.weight_decay,
                             max_length=args.max_length, seed=args.seed)
     device = _device(args.device)
-    out = _out_folder(args.out)  # save_pretrained only warns about a file there, and the fine-tune would be lost
+    # save_pretrained only warns about a file there, and the fine-tune would be lost
+    out = output_folder(args.out, "--out")
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=_dtype(args.dtype, device, training=True))
@@ -208,7 +204,7 @@ def _run_text(args, lm: str, out: Path):
 
 
 def _cmd_text(args) -> int:
-    _out_folder(Path(args.out).parent, "the folder of --out")
+    output_folder(Path(args.out).parent, "the folder of --out")
     _run_text(args, args.model, Path(args.out))
     return 0
 
@@ -246,7 +242,7 @@ def _run_images(args, sd_model: str, prompts: list[str], out: Path) -> None:
         raise ValueError("filtering needs --clip MODEL (e.g. openai/clip-vit-large-patch14); or pass --no-filter")
     pairs = read_pairs(prompts)
     device = _device(args.device)
-    _out_folder(out)
+    output_folder(out, "--out")
     settings = {"model": sd_model, "clip": args.clip, "image": {k: v for k, v in asdict(config).items()
                                                                if k != "batch_size"},
                 "filter": asdict(filter_config) if filter_config else None}
@@ -272,7 +268,7 @@ def _cmd_filter(args) -> int:
     if not Path(args.input).is_dir():
         raise FileNotFoundError(f"--in {args.input!r} is not a folder; pass the output folder of the images stage")
     config = _filter_config(args)
-    _out_folder(args.out)
+    output_folder(args.out, "--out")
     scorer = ClipScorer(args.clip, device=_device(args.device)) if args.clip else None
     writer = _writer(args, Path(args.out), {"source": str(Path(args.input).resolve()), "clip": args.clip,
                                             "filter": asdict(config)})
@@ -282,7 +278,7 @@ def _cmd_filter(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    out = _out_folder(args.out)
+    out = output_folder(args.out, "--out")
     prompts = _run_text(args, args.lm, out / "prompts.jsonl")
     _run_images(args, args.sd_model, [str(prompts)], out)
     return 0

@@ -256,19 +256,6 @@ def sampling_settings(*, steps: int, text_guidance: float, image_guidance: float
             "seed": seed}
 
 
-def output_folder(path: str | os.PathLike, flag: str = "--output") -> Path:
-    """Create the output folder ``path`` (parents too) before any work, or raise a ValueError saying why not."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{flag} {str(out)!r} is a file; pass a folder (new or existing) for the results")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"{flag} {str(out)!r} cannot be created ({error.strerror}); pass a folder you can write "
-                         "to") from None
-    return out
-
-
 def write_json(data: Any, path: str | os.PathLike) -> Path:
     """Write ``data`` as indented JSON atomically; returns the path."""
     from ip2p import atomic
