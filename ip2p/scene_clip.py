@@ -5,7 +5,8 @@ before SD was trained. The built-in task (docs/demo.md) can do the same offline:
 the base's tiny ``CLIPTextModel`` contrastively (InfoNCE, as CLIP) against a small convolutional image tower on
 scenes captioned by :func:`ip2p.synthetic.caption` with positions, so that e.g. the token "blue" gets an embedding
 that means blue. The image tower is thrown away; the text model is saved with its spec and a report
-(:func:`save_text_encoder`) and used frozen, like SD's. ``python -m ip2p.base text`` runs it (minutes on a CPU).
+(:func:`save_text_encoder`) and used frozen, like SD's. ``python -m ip2p.base text`` runs it (minutes on a CPU)
+and writes ``ip2p/assets/demo_text_encoder.safetensors``, the shipped run of the default settings.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionInstructPix2PixPipeline
 
-from ip2p import base, demo
+from ip2p import base, demo, scene_clip
 from ip2p.config import load_config
 from ip2p.inference import resolve_device
 
@@ -99,6 +99,18 @@ def test_shipped_vae_matches_the_default_spec():
     assert base._vae_matches(base.VAE_ASSET, base.VaeSpec(), base.VaeTraining())
     assert header["report"]["psnr"] > 35 and header["report"]["oracle_success"] == 1.0
     assert abs(vae.config.scaling_factor * header["report"]["latent_std"] - 1) < 1e-6
+
+
+def test_shipped_text_encoder_matches_the_default_pretrained_text_spec():
+    # `--pretrained-text` bases use the shipped asset instead of training a text encoder for minutes.
+    spec = base.BaseSpec(text_pretraining=base.TextPretraining())
+    assert scene_clip.matches(base.TEXT_ASSET, base.text_key(spec))
+    text_encoder, header = scene_clip.load_text_encoder(base.TEXT_ASSET)
+    assert text_encoder.config.hidden_size == spec.text_hidden_size
+    assert text_encoder.config.num_hidden_layers == spec.text_layers
+    assert header["report"]["retrieval"] > 0.5 > header["report"]["retrieval_before"]
+    tokenizer, loaded, _ = base._text_components(spec, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), text_encoder.state_dict().values()))
 
 
 def test_vae_command_writes_the_given_spec_and_training(tmp_path):
