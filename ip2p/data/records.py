@@ -161,11 +161,11 @@ class _TableRecords(Records):
             return super().get(i)
         if not 0 <= i < self.num_records:
             raise IndexError(f"record index {i} is out of range for {self.num_records} records")
-        return self._raw(self._rows[i].to_pylist()[0])
+        return self._raw(_pylist(self._rows[i])[0])
 
     def iterate(self, start: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
         for first in range(max(0, start), self.num_records, _READ_BATCH):
-            for offset, row in enumerate(self._rows[first:first + _READ_BATCH].to_pylist()):
+            for offset, row in enumerate(_pylist(self._rows[first:first + _READ_BATCH])):
                 yield first + offset, self._raw(row)
 
 
@@ -216,7 +216,7 @@ class _StreamRecords(Records):
         position = max(0, start)
         with _reading(self.description):
             for table in self._opener(position):
-                for row in table.to_pylist():
+                for row in _pylist(table):
                     yield position, self._raw(row)
                     position += 1
         if self.num_records is None and position > max(0, start):
@@ -305,6 +305,21 @@ class _SeedsRecords(Records):
     def iterate(self, start: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
         for i in range(max(0, start), len(self._pairs)):
             yield i, self.get(i)
+
+
+def _pylist(table: pa.Table) -> list[dict[str, Any]]:
+    """The table's rows as dicts, with JSON-typed columns decoded.
+
+    datasets stores a column whose values mix types (e.g. instructions that are strings in some JSON lines and
+    numbers in others) as JSON text (its `Json` feature); read raw, every string would keep its quotes.
+    """
+    rows = table.to_pylist()
+    encoded = [field.name for field in table.schema if getattr(field.type, "extension_name", None) == "arrow.json"]
+    for row in rows:
+        for name in encoded:
+            if row[name] is not None:
+                row[name] = json.loads(row[name])
+    return rows
 
 
 def _unique(columns: ColumnMap) -> list[str]:

@@ -1,0 +1,36 @@
+"""ip2p.data against awkward inputs: mixed-type columns, inconsistent shards, odd column maps, extreme images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_data_support import (
+    RES,
+    pair,
+    private_datasets_cache,  # noqa: F401 (autouse fixture)
+    write_image_files,
+    write_jsonl,
+)
+
+from ip2p.data import AugmentConfig, EditBatches, decode_image, open_records
+
+AUGMENT = AugmentConfig(resolution=RES, random_resize=(RES, 20))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_json_columns_of_mixed_types_are_read_as_values_not_json_text(tmp_path, streaming):
+    # datasets stores a column whose JSON values mix types as JSON text; its strings must not keep their quotes.
+    folder = tmp_path / "js"
+    names = write_image_files(folder, 4)
+    rows = [{"input_image": s, "edit_prompt": f"edit {i}", "edited_image": t} for i, (s, t) in enumerate(names)]
+    rows[1]["edit_prompt"] = 5
+    rows[2]["input_image"] = {"bytes": None, "path": names[2][0]}  # an image dict among path strings
+    records = open_records(write_jsonl(folder / "train.jsonl", rows), streaming=streaming,
+                           cache_dir=tmp_path / "cache")
+    raws = dict(records.iterate())
+    assert [raws[i]["instruction"] for i in range(4)] == ["edit 0", 5, "edit 2", "edit 3"]
+    assert np.array_equal(np.asarray(decode_image(raws[2]["source"])), np.asarray(pair(2)[0]))
+    batch = next(iter(EditBatches(records, batch_size=4, augment=AUGMENT, shuffle=False, max_steps=1)))
+    assert batch["instruction"] == ["edit 0", "", "edit 2", "edit 3"]
+    assert batch["valid"].tolist() == [True, False, True, True]
+    assert batch["bad_reasons"] == ["position 1 (record 1): instruction: instruction has type int, expected str"]
