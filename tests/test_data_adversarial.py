@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from test_data_support import (
     RES,
+    image_dataset,
+    image_rows,
     pair,
     private_datasets_cache,  # noqa: F401 (autouse fixture)
     write_image_files,
@@ -34,3 +36,16 @@ def test_json_columns_of_mixed_types_are_read_as_values_not_json_text(tmp_path, 
     assert batch["instruction"] == ["edit 0", "", "edit 2", "edit 3"]
     assert batch["valid"].tolist() == [True, False, True, True]
     assert batch["bad_reasons"] == ["position 1 (record 1): instruction: instruction has type int, expected str"]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_parquet_shard_without_the_columns_is_an_error_naming_it_at_open(tmp_path, streaming):
+    # Streaming used to fail only on reaching the shard, mid-run.
+    root = tmp_path / "pq"
+    (root / "data").mkdir(parents=True)
+    image_dataset(image_rows(3)).to_parquet(str(root / "data" / "train-00000-of-00002.parquet"))
+    renamed = image_rows(3, names=("input_image", "instruction", "edited_image"))
+    image_dataset(renamed).to_parquet(str(root / "data" / "train-00001-of-00002.parquet"))
+    with pytest.raises(ValueError, match=r"train-00001-of-00002\.parquet has no column 'edit_prompt'.*"
+                                         r"\['input_image', 'instruction', 'edited_image'\]"):
+        open_records(root, streaming=streaming, cache_dir=tmp_path / "cache")

@@ -396,14 +396,21 @@ def _parquet_records(files: list[str], *, columns: ColumnMap, streaming: bool, d
         raise ValueError(f"cannot read the parquet file {files[0]} ({exc})") from exc
     resolved = resolve_columns(columns, names, description)
     needed = _unique(resolved)
-    # Every footer is read up front, so a damaged shard is an error naming it now rather than mid-run, and
-    # row-less files are left out (datasets' parquet reader fails on them).
+    # Every footer is read up front, so a damaged shard or one without the columns is an error naming it now
+    # rather than mid-run (streaming reaches it hours later), and row-less files are left out (datasets' parquet
+    # reader fails on them).
     counts = []
     for path in files:
         try:
-            counts.append(pq.ParquetFile(path).metadata.num_rows)
+            footer = pq.ParquetFile(path)
+            counts.append(footer.metadata.num_rows)
+            missing = [name for name in needed if name not in footer.schema_arrow.names]
         except (OSError, pa.ArrowException) as exc:
             raise ValueError(f"cannot read the parquet file {path} ({exc})") from exc
+        if missing and counts[-1]:
+            raise ValueError(f"the parquet file {path} has no column {missing[0]!r}, which {files[0]} has; every "
+                             f"file of {description} needs the columns {needed}: its columns are "
+                             f"{footer.schema_arrow.names}")
     files, counts = [path for path, n in zip(files, counts) if n], [n for n in counts if n]
     if not files:
         raise ValueError(f"{description} has no records; check data.path and data.split")
