@@ -14,7 +14,7 @@ from test_data_support import (
     write_jsonl,
 )
 
-from ip2p.data import AugmentConfig, EditBatches, decode_image, open_records
+from ip2p.data import AugmentConfig, BadRecord, EditBatches, decode_image, decode_instruction, open_records
 
 AUGMENT = AugmentConfig(resolution=RES, random_resize=(RES, 20))
 
@@ -49,3 +49,22 @@ def test_a_parquet_shard_without_the_columns_is_an_error_naming_it_at_open(tmp_p
     with pytest.raises(ValueError, match=r"train-00001-of-00002\.parquet has no column 'edit_prompt'.*"
                                          r"\['input_image', 'instruction', 'edited_image'\]"):
         open_records(root, streaming=streaming, cache_dir=tmp_path / "cache")
+
+
+def test_an_empty_or_blank_instruction_is_a_bad_record_in_every_format(tmp_path):
+    # An empty CSV cell was already skipped (read as missing); "" in JSON lines or parquet was trained on as if the
+    # text had been dropped.
+    folder = tmp_path / "js"
+    names = write_image_files(folder, 4)
+    texts = ["edit 0", "", "  \n", "edit 3"]
+    rows = [{"input_image": s, "edit_prompt": text, "edited_image": t} for text, (s, t) in zip(texts, names)]
+    write_jsonl(folder / "train.jsonl", rows)
+    (folder / "train.csv").write_text("input_image,edit_prompt,edited_image\n" + "".join(
+        f"{s},{text.strip()},{t}\n" for text, (s, t) in zip(texts, names)))
+    for path in (folder / "train.jsonl", folder / "train.csv"):
+        records = open_records(path, cache_dir=tmp_path / "cache")
+        batch = next(iter(EditBatches(records, batch_size=4, augment=AUGMENT, shuffle=False, max_steps=1)))
+        assert batch["valid"].tolist() == [True, False, False, True], path
+        assert all("instruction" in reason for reason in batch["bad_reasons"])
+    with pytest.raises(BadRecord, match="empty"):
+        decode_instruction(b" ")

@@ -122,14 +122,20 @@ def decode_image(
 
 
 def decode_instruction(value: Any) -> str:
-    """A raw instruction value -> str (bytes are UTF-8 decoded), or `BadRecord` when missing or not text."""
+    """A raw instruction value -> str (bytes are UTF-8 decoded), or `BadRecord` when missing, empty or not text.
+
+    An empty or blank instruction is missing, as an empty CSV cell already is: trained on, it would teach the
+    model to edit under the dropped-text condition ("") that guidance relies on to mean "no instruction".
+    """
     if value is None:
         raise BadRecord("instruction is missing (None)")
     if isinstance(value, (bytes, bytearray)):
         try:
-            return bytes(value).decode("utf-8")
+            value = bytes(value).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise BadRecord(f"instruction is not valid UTF-8 ({_one_line(exc)})") from exc
     if not isinstance(value, str):
         raise BadRecord(f"instruction has type {type(value).__name__}, expected str")
+    if not value.strip():
+        raise BadRecord(f"instruction is empty ({value!r})")
     return value
