@@ -14,7 +14,15 @@ from test_data_support import (
     write_jsonl,
 )
 
-from ip2p.data import AugmentConfig, BadRecord, EditBatches, decode_image, decode_instruction, open_records
+from ip2p.data import (
+    AugmentConfig,
+    BadRecord,
+    ColumnMap,
+    EditBatches,
+    decode_image,
+    decode_instruction,
+    open_records,
+)
 
 AUGMENT = AugmentConfig(resolution=RES, random_resize=(RES, 20))
 
@@ -68,3 +76,14 @@ def test_an_empty_or_blank_instruction_is_a_bad_record_in_every_format(tmp_path)
         assert all("instruction" in reason for reason in batch["bad_reasons"])
     with pytest.raises(BadRecord, match="empty"):
         decode_instruction(b" ")
+
+
+def test_one_column_named_for_two_fields_is_an_error(tmp_path):
+    root = tmp_path / "pq"
+    (root / "data").mkdir(parents=True)
+    image_dataset(image_rows(2)).to_parquet(str(root / "data" / "train.parquet"))
+    with pytest.raises(ValueError, match=r"data\.source_column and data\.target_column both name the column "
+                                         r"'input_image'"):
+        open_records(root, columns=ColumnMap(target="input_image"), cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match=r"data\.instruction_column and data\.target_column both name"):
+        open_records(root, columns=ColumnMap(instruction="edited_image"), streaming=True)

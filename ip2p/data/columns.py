@@ -8,6 +8,7 @@ unset they are detected from a short list of names used by the public InstructPi
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -70,5 +71,12 @@ def resolve_columns(columns: ColumnMap, available: Sequence[str], where: str) ->
             raise ValueError(
                 f"ambiguous {meaning} column of {where}: {found} all match; its columns are {available}; "
                 f"set {key}"
+            )
+    # One column for two fields would train every record to copy its source (or to read an image as text).
+    for (first, _, first_key, _), (second, _, second_key, _) in itertools.combinations(_FIELDS, 2):
+        if resolved[first] == resolved[second]:
+            raise ValueError(
+                f"{first_key} and {second_key} both name the column {resolved[first]!r} of {where}; each field "
+                f"needs its own column; its columns are {available}"
             )
     return ColumnMap(**resolved)
