@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from test_data_support import (
@@ -87,3 +89,34 @@ def test_one_column_named_for_two_fields_is_an_error(tmp_path):
         open_records(root, columns=ColumnMap(target="input_image"), cache_dir=tmp_path / "cache")
     with pytest.raises(ValueError, match=r"data\.instruction_column and data\.target_column both name"):
         open_records(root, columns=ColumnMap(instruction="edited_image"), streaming=True)
+
+
+def _imagefolder(folder: Path, n: int, first: int = 0, images: str = "img") -> None:
+    names = write_image_files(folder, n)
+    if images != "img":
+        (folder / "img").rename(folder / images)
+    write_jsonl(folder / "metadata.jsonl", [
+        {"input_image_file_name": s.replace("img/", f"{images}/"), "edit_prompt": f"edit {first + i}",
+         "edited_image_file_name": t.replace("img/", f"{images}/")} for i, (s, t) in enumerate(names)
+    ])
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_imagefolder_images_in_a_folder_named_like_a_split(tmp_path, streaming):
+    # datasets split the folder's files by the words in their paths: "test_images/" hid the metadata of "train".
+    _imagefolder(tmp_path / "imf", 2, images="test_images")
+    records = open_records(tmp_path / "imf", streaming=streaming, cache_dir=tmp_path / "cache")
+    raws = dict(records.iterate())
+    assert [raws[i]["instruction"] for i in range(2)] == ["edit 0", "edit 1"]
+    assert np.array_equal(np.asarray(decode_image(raws[1]["target"])), np.asarray(pair(1)[1]))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_imagefolder_sharded_into_subfolders_reads_them_in_sorted_order(tmp_path, streaming):
+    # Metadata only in subfolders was read as plain JSON (no image columns); and datasets keeps several metadata
+    # files in a set, whose order follows the process's hash seed: ranks and resumed runs numbered records apart.
+    for k in range(4):
+        _imagefolder(tmp_path / "imf" / f"shard-{k}", 1, first=k)
+    records = open_records(tmp_path / "imf", streaming=streaming, cache_dir=tmp_path / "cache")
+    assert (records.columns.source, records.columns.target) == ("input_image", "edited_image")
+    assert [raw["instruction"] for _, raw in records.iterate()] == [f"edit {k}" for k in range(4)]

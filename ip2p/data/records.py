@@ -11,7 +11,9 @@
 - an imagefolder: a folder with `metadata.jsonl` (or `.csv` / `.parquet`) naming image files. Each
   `<name>_file_name` column becomes an image column `<name>` (datasets' imagefolder builder, which accepts
   several), e.g. `input_image_file_name` and `edited_image_file_name`. Metadata without any `*file_name`
-  column is read as plain rows whose image columns are paths relative to the metadata file's folder;
+  column is read as plain rows whose image columns are paths relative to the metadata file's folder. Without a
+  metadata file at the top (or in the split's subfolder), metadata files in subfolders (`shard-0/metadata.jsonl`,
+  ...; split by their paths' words as on the hub) are read in sorted order, each naming images beside it;
 - the original InstructPix2Pix release: a folder with `seeds.json` = `[[dir, [seed, ...]], ...]`,
   `dir/prompt.json` (key `edit`) and images `dir/{seed}_0.jpg` (source), `dir/{seed}_1.jpg` (edited).
 
@@ -515,6 +517,28 @@ def _metadata_columns(path: str) -> list[str]:
     return []
 
 
+def _names_image_files(columns: list[str]) -> bool:
+    """Whether imagefolder metadata with these columns names image files (`file_name`, `<name>_file_name`, ...)."""
+    return any(name in ("file_name", "file_names") or name.endswith(("_file_name", "_file_names")) for name in columns)
+
+
+def _imagefolder_records(metadata: list[str], label: str, *, split: str, columns: ColumnMap, streaming: bool,
+                         cache_dir: str | None) -> Records:
+    """Records of imagefolder metadata files (in the given order), each naming image files relative to its folder."""
+    import datasets
+
+    # The metadata files are given, not the folder: datasets would split a folder's files by the words in their
+    # paths, and images under e.g. `test_images/` then hide the metadata of split "train". One load per file:
+    # datasets keeps several metadata files of a load in a set, whose order changes with the process's hash
+    # seed, so two ranks (or a run and its resume) would number the records differently.
+    with _reading(f"imagefolder {label}"):
+        parts = [_load_dataset("imagefolder", data_files={split: [path]}, split=split, streaming=streaming,
+                               cache_dir=cache_dir) for path in metadata]
+        dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    return _dataset_records(dataset, columns=columns, streaming=streaming,
+                            description=f"imagefolder {label} (split {split!r})", base_dir=None)
+
+
 def _folder_records(root: str, label: str, *, split: str, columns: ColumnMap, streaming: bool,
                     cache_dir: str | None) -> Records:
     import datasets
@@ -538,13 +562,9 @@ def _folder_records(root: str, label: str, *, split: str, columns: ColumnMap, st
 
     metadata = _metadata_file(root, split)
     if metadata is not None:
-        names = _metadata_columns(metadata)
-        if any(name in ("file_name", "file_names") or name.endswith(("_file_name", "_file_names")) for name in names):
-            with _reading(f"imagefolder {label}"):
-                dataset = _load_dataset("imagefolder", data_dir=root, split=split, streaming=streaming,
+        if _names_image_files(_metadata_columns(metadata)):
+            return _imagefolder_records([metadata], label, split=split, columns=columns, streaming=streaming,
                                         cache_dir=cache_dir)
-            return _dataset_records(dataset, columns=columns, streaming=streaming,
-                                    description=f"imagefolder {label} (split {split!r})", base_dir=None)
         # Plain rows whose image columns are paths relative to the metadata file's folder.
         builder = {".csv": "csv", ".parquet": "parquet"}.get(os.path.splitext(metadata)[1], "json")
         return _json_records([metadata], columns=columns, streaming=streaming, description=f"metadata {metadata}",
@@ -553,6 +573,11 @@ def _folder_records(root: str, label: str, *, split: str, columns: ColumnMap, st
     for kind in ("parquet", "json", "csv"):
         files = _split_files(root, kind, split)
         if files:
+            # Metadata files in subfolders (shard-0/metadata.jsonl, ...): each names images beside it.
+            if (all(os.path.basename(path) in _METADATA_NAMES for path in files)
+                    and _names_image_files(_metadata_columns(files[0]))):
+                return _imagefolder_records(files, label, split=split, columns=columns, streaming=streaming,
+                                            cache_dir=cache_dir)
             description = f"{kind} folder {label} (split {split!r}, {len(files)} files)"
             if kind == "parquet":
                 return _parquet_records(files, columns=columns, streaming=streaming, description=description,
