@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from test_data_support import (
     RES,
+    encode,
     image_dataset,
     image_rows,
+    noise_image,
     pair,
     private_datasets_cache,  # noqa: F401 (autouse fixture)
     write_image_files,
@@ -120,3 +122,16 @@ def test_imagefolder_sharded_into_subfolders_reads_them_in_sorted_order(tmp_path
     records = open_records(tmp_path / "imf", streaming=streaming, cache_dir=tmp_path / "cache")
     assert (records.columns.source, records.columns.target) == ("input_image", "edited_image")
     assert [raw["instruction"] for _, raw in records.iterate()] == [f"edit {k}" for k in range(4)]
+
+
+def test_a_thin_strip_is_a_bad_record_not_a_huge_resize(tmp_path):
+    # 8 x 6000 pixels passes the size checks, but its short side resized to the crop's scale makes it 20 x 15000.
+    rows = image_rows(2)
+    rows["input_image"][1] = {"bytes": encode(noise_image(0, (8, 6000))), "path": None}
+    image_dataset(rows).to_parquet(str(tmp_path / "train.parquet"))
+    records = open_records(tmp_path / "train.parquet", cache_dir=tmp_path / "cache")
+    batches = EditBatches(records, batch_size=2, augment=AUGMENT, shuffle=False, max_steps=1, max_image_pixels=100_000)
+    batch = next(iter(batches))
+    assert batch["valid"].tolist() == [True, False]
+    assert batch["bad_reasons"] == ["position 1 (record 1): source: image is 8x6000, whose resize to 20x15000 for the "
+                                    "crop is over the limit of 100000 pixels"]

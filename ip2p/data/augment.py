@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["AugmentConfig", "paired_augment"]
+__all__ = ["AugmentConfig", "paired_augment", "resized_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class AugmentConfig:
         self.random_resize = (int(spec[0]), int(spec[1]))
 
 
-def _resized_size(width: int, height: int, short: int) -> tuple[int, int]:
+def resized_size(width: int, height: int, short: int) -> tuple[int, int]:
     """(width, height) with the short side = `short` and the aspect ratio kept (long side rounded)."""
     if width <= height:
         return short, max(short, round(height * short / width))
@@ -86,7 +86,7 @@ def paired_augment(
 
     lo, hi = cfg.random_resize
     short = int(torch.randint(lo, hi + 1, (), generator=generator)) if hi > lo else lo
-    size = _resized_size(source.width, source.height, short)
+    size = resized_size(source.width, source.height, short)
     if size != source.size:
         # Lanczos, as the original code; PIL filters with a support scaled to the reduction, so no aliasing.
         source = source.resize(size, Image.Resampling.LANCZOS)

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ip2p.images import DEFAULT_MAX_PIXELS
 
-from .augment import AugmentConfig, paired_augment
+from .augment import AugmentConfig, paired_augment, resized_size
 from .decode import DEFAULT_MIN_SIDE, BadRecord, decode_image, decode_instruction
 from .records import Records
 from .seeding import Purpose, example_generator
@@ -90,7 +90,8 @@ class EditBatches(IterableDataset):
     start_step + w, start_step + w + n, ..., so `DataLoader(batch_size=None)` returns them in order.
     `num_workers` is the default for `make_dataloader`; the split follows the actual DataLoader.
     `shuffle_buffer` (streaming with `shuffle` only; 0 or 1 disables it) is the shuffle buffer's size in records.
-    Images with a side under `min_image_side` or more than `max_image_pixels` pixels are bad records.
+    Images with a side under `min_image_side` or more than `max_image_pixels` pixels, as stored or once resized for
+    the crop (a thin strip), are bad records.
     `cached_records`: record numbers whose images the consumer already holds in another form (the trainer's VAE
     latent cache): only their instructions are decoded, their images are zeros, and they count as valid.
     """
@@ -275,6 +276,11 @@ class EditBatches(IterableDataset):
                                            max_pixels=self.max_image_pixels))
             except BadRecord as exc:
                 raise BadRecord(f"{field}: {exc}") from exc
+        # A thin strip (8 x 60000 pixels passes the checks above) would be resized to gigabytes before the crop.
+        width, height = resized_size(*images[0].size, self.augment.random_resize[1])
+        if width * height > self.max_image_pixels:
+            raise BadRecord(f"source: image is {images[0].width}x{images[0].height}, whose resize to {width}x{height} "
+                            f"for the crop is over the limit of {self.max_image_pixels} pixels")
         generator = example_generator(self.seed, position, Purpose.AUGMENT)
         source, target = paired_augment(images[0], images[1], self.augment, generator)
         return source, target, instruction
