@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_config(args.config, args.overrides)
+        if not cfg.data.path.strip():
+            # Checked here, not deep in training: the base model (minutes for Stable Diffusion) loads before the data.
+            raise ConfigError("data.path is empty: pass --config configs/<name>.yaml (e.g. configs/tiny.yaml) or set "
+                              "data.path=<dataset>")
         final = train(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         logging.getLogger("train").error("error: %s", e)

@@ -128,3 +128,18 @@ def test_a_key_given_twice_in_the_yaml_file_is_an_error(tmp_path):
 def test_a_yaml_path_given_without_config_flag_says_so():
     with pytest.raises(ConfigError, match=r"--config configs/tiny.yaml"):
         load_config(None, ["configs/tiny.yaml"])
+
+
+def test_train_without_a_dataset_fails_before_loading_the_base_model(monkeypatch, caplog):
+    # `python train.py` with no --config used to download (or, offline, fail to find) Stable Diffusion before it
+    # noticed that data.path was empty.
+    import train
+    from ip2p import training
+
+    def never(cfg):
+        raise AssertionError("train() must not start without a dataset")
+
+    monkeypatch.setattr(training, "train", never)
+    assert train.main([]) == 2
+    assert "data.path is empty: pass --config configs/<name>.yaml" in caplog.text
+    assert train.main(["data.path= "]) == 2
