@@ -16,6 +16,7 @@ from test_data_support import (
     private_datasets_cache,  # noqa: F401 (autouse fixture)
     write_image_files,
     write_jsonl,
+    write_parquet_dir,
 )
 
 from ip2p.data import (
@@ -135,3 +136,19 @@ def test_a_thin_strip_is_a_bad_record_not_a_huge_resize(tmp_path):
     assert batch["valid"].tolist() == [True, False]
     assert batch["bad_reasons"] == ["position 1 (record 1): source: image is 8x6000, whose resize to 20x15000 for the "
                                     "crop is over the limit of 100000 pixels"]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_hub_id_offline_reads_its_copy_in_the_hub_cache(tmp_path, monkeypatch, streaming):
+    # The layout `huggingface-cli download --repo-type dataset me/pairs` writes; datasets offline did not look there.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "datasets--me--pairs"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("a" * 40)
+    write_parquet_dir(repo / "snapshots" / ("a" * 40), 3, shards=1)
+    records = open_records("me/pairs", streaming=streaming, cache_dir=tmp_path / "cache")
+    assert [raw["instruction"] for _, raw in records.iterate()] == ["edit 0", "edit 1", "edit 2"]
+    with pytest.raises(FileNotFoundError, match="me/other.*could not be loaded from the hub"):
+        open_records("me/other", streaming=streaming, cache_dir=tmp_path / "cache")

@@ -2,7 +2,8 @@
 
 `open_records(path)` accepts:
 
-- a hub dataset id (`owner/name`): `datasets.load_dataset(id, split=..., streaming=...)`;
+- a hub dataset id (`owner/name`): `datasets.load_dataset(id, split=..., streaming=...)`; where that fails
+  (offline), a copy in the local hub cache (`huggingface-cli download`) is read as a folder;
 - a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`: `datasets.load_from_disk`;
 - a folder of `.parquet` files (splits from file and folder names, as on the hub: `data/train-*.parquet`,
   `test.parquet`, ...), a glob of them, or one file;
@@ -587,11 +588,29 @@ def _folder_records(root: str, label: str, *, split: str, columns: ColumnMap, st
     raise FileNotFoundError(f"data.path={label!r} is a folder with no dataset in a known layout; {ACCEPTED_FORMATS}")
 
 
+def _hub_snapshot(name: str) -> str | None:
+    """The folder of the newest copy of hub dataset `name` in the local hub cache, if there is one."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, repo_type="dataset", local_files_only=True)
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), or not a valid repo id
+        return None
+
+
 def _hub_records(name: str, *, split: str, columns: ColumnMap, streaming: bool, cache_dir: str | None) -> Records:
     try:
         dataset = _load_dataset(name, split=split, streaming=streaming, cache_dir=cache_dir)
     except OSError as exc:  # ConnectionError, datasets' DatasetNotFoundError, offline mode without a cache
         reason = " ".join(str(exc).split())
+        # Offline, datasets finds only what it prepared itself, not a copy that `huggingface-cli download` or
+        # `snapshot_download` put in the hub cache: read that copy as the local folder it is.
+        snapshot = _hub_snapshot(name)
+        if snapshot is not None:
+            logger.info("%s could not be loaded from the hub (%s); reading its copy in the hub cache, %s", name,
+                        reason, snapshot)
+            return _folder_records(snapshot, name, split=split, columns=columns, streaming=streaming,
+                                   cache_dir=cache_dir)
         raise FileNotFoundError(
             f"data.path={name!r} is not a local path and could not be loaded from the hub ({reason}); "
             f"{ACCEPTED_FORMATS}"
