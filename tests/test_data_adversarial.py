@@ -152,3 +152,10 @@ def test_a_hub_id_offline_reads_its_copy_in_the_hub_cache(tmp_path, monkeypatch,
     assert [raw["instruction"] for _, raw in records.iterate()] == ["edit 0", "edit 1", "edit 2"]
     with pytest.raises(FileNotFoundError, match="me/other.*could not be loaded from the hub"):
         open_records("me/other", streaming=streaming, cache_dir=tmp_path / "cache")
+
+
+def test_a_split_subfolder_metadata_wins_over_the_top_level_one(tmp_path):
+    _imagefolder(tmp_path / "imf", 2)  # the training rows, at the top
+    _imagefolder(tmp_path / "imf" / "validation", 1, first=7)
+    assert [raw["instruction"] for _, raw in open_records(tmp_path / "imf", split="val").iterate()] == ["edit 7"]
+    assert [raw["instruction"] for _, raw in open_records(tmp_path / "imf").iterate()] == ["edit 0", "edit 1"]

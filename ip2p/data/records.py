@@ -491,8 +491,10 @@ def _split_files(root: str, kind: str, split: str) -> list[str] | None:
 
 
 def _metadata_file(root: str, split: str) -> str | None:
-    """The imagefolder metadata file at `root` or in its split subfolder, if any."""
-    for folder in (root, os.path.join(root, split), os.path.join(root, _SPLIT_ALIASES.get(split, split))):
+    """The imagefolder metadata file in `root`'s split subfolder or else at `root`, if any."""
+    # The split's own subfolder first: with metadata at the top for training and in test/ for testing, split
+    # "test" must not get the training rows.
+    for folder in (os.path.join(root, split), os.path.join(root, _SPLIT_ALIASES.get(split, split)), root):
         for name in _METADATA_NAMES:
             path = os.path.join(folder, name)
             if os.path.isfile(path):
