@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_data_support import (
     RES,
     encode,
@@ -26,6 +27,7 @@ from ip2p.data import (
     EditBatches,
     decode_image,
     decode_instruction,
+    make_dataloader,
     open_records,
 )
 
@@ -134,8 +136,8 @@ def test_a_thin_strip_is_a_bad_record_not_a_huge_resize(tmp_path):
     batches = EditBatches(records, batch_size=2, augment=AUGMENT, shuffle=False, max_steps=1, max_image_pixels=100_000)
     batch = next(iter(batches))
     assert batch["valid"].tolist() == [True, False]
-    assert batch["bad_reasons"] == ["position 1 (record 1): source: image is 8x6000, whose resize to 20x15000 for the "
-                                    "crop is over the limit of 100000 pixels"]
+    assert batch["bad_reasons"] == [("position 1 (record 1): source: image is 8x6000, whose resize to 20x15000 for "
+                                     "the crop is over the limit of 100000 pixels")]
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -159,3 +161,37 @@ def test_a_split_subfolder_metadata_wins_over_the_top_level_one(tmp_path):
     _imagefolder(tmp_path / "imf" / "validation", 1, first=7)
     assert [raw["instruction"] for _, raw in open_records(tmp_path / "imf", split="val").iterate()] == ["edit 7"]
     assert [raw["instruction"] for _, raw in open_records(tmp_path / "imf").iterate()] == ["edit 0", "edit 1"]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_imagefolder_file_names_may_be_absolute_or_leave_the_folder(tmp_path, streaming):
+    # datasets' imagefolder refused the whole set for one such name (a stream: when it reached the row, mid-run).
+    folder = tmp_path / "imf"
+    names = write_image_files(folder, 3)
+    sources = [names[0][0], str(folder / names[1][0]), f"../imf/{names[2][0]}"]
+    write_jsonl(folder / "metadata.jsonl", [  # a plain path column beside the file names: also relative to the file
+        {"input_image_file_name": source, "edit_prompt": f"edit {i}", "edited_image": names[i][1]}
+        for i, source in enumerate(sources)
+    ])
+    records = open_records(folder, streaming=streaming, cache_dir=tmp_path / "cache")
+    batch = next(iter(EditBatches(records, batch_size=3, augment=AUGMENT, shuffle=False, max_steps=1)))
+    assert batch["valid"].tolist() == [True, True, True], batch["bad_reasons"]
+    raws = dict(records.iterate())
+    assert np.array_equal(np.asarray(decode_image(raws[2]["source"])), np.asarray(pair(2)[0]))
+    assert np.array_equal(np.asarray(decode_image(raws[1]["target"])), np.asarray(pair(1)[1]))
+
+
+def test_imagefolder_shards_resume_and_spread_over_workers_as_one_dataset(tmp_path):
+    for k, n in enumerate((3, 1, 2)):
+        _imagefolder(tmp_path / "imf" / f"shard-{k}", n, first=10 * k)
+    expected = ["edit 0", "edit 1", "edit 2", "edit 10", "edit 20", "edit 21"]
+    for streaming in (False, True):
+        records = open_records(tmp_path / "imf", streaming=streaming, cache_dir=tmp_path / "cache")
+        assert [(p, raw["instruction"]) for p, raw in records.iterate(2)] == list(enumerate(expected))[2:]
+        assert records.count() == 6
+        whole = list(EditBatches(records, batch_size=4, augment=AUGMENT, seed=1, max_steps=5))
+        fresh = open_records(tmp_path / "imf", streaming=streaming, cache_dir=tmp_path / "cache")
+        resumed = list(make_dataloader(EditBatches(fresh, batch_size=4, augment=AUGMENT, seed=1, start_step=2,
+                                                   max_steps=5), num_workers=2))
+        for a, b in zip(whole[2:], resumed, strict=True):
+            assert a["instruction"] == b["instruction"] and torch.equal(a["source"], b["source"])

@@ -9,12 +9,12 @@
   `test.parquet`, ...), a glob of them, or one file;
 - a `.jsonl` / `.json` or `.csv` file, folder or glob; image columns may hold paths relative to the file's folder
   (for a folder or a glob of several folders: relative to the folder given / the matches' common parent);
-- an imagefolder: a folder with `metadata.jsonl` (or `.csv` / `.parquet`) naming image files. Each
-  `<name>_file_name` column becomes an image column `<name>` (datasets' imagefolder builder, which accepts
-  several), e.g. `input_image_file_name` and `edited_image_file_name`. Metadata without any `*file_name`
-  column is read as plain rows whose image columns are paths relative to the metadata file's folder. Without a
-  metadata file at the top (or in the split's subfolder), metadata files in subfolders (`shard-0/metadata.jsonl`,
-  ...; split by their paths' words as on the hub) are read in sorted order, each naming images beside it;
+- an imagefolder: a folder with `metadata.jsonl` (or `.csv` / `.parquet`, in the split's subfolder or at the top)
+  naming image files. Each `<name>_file_name` column becomes an image column `<name>` (`file_name`: `image`), as in
+  datasets' imagefolder, e.g. `input_image_file_name` and `edited_image_file_name`; these and plain path columns
+  are relative to the metadata file's folder (absolute paths and `..` are allowed). Without a metadata file at the
+  top or in the split's subfolder, metadata files in subfolders (`shard-0/metadata.jsonl`, ...; split by their
+  paths' words as on the hub) are read one after another in sorted order, each naming images beside it;
 - the original InstructPix2Pix release: a folder with `seeds.json` = `[[dir, [seed, ...]], ...]`,
   `dir/prompt.json` (key `edit`) and images `dir/{seed}_0.jpg` (source), `dir/{seed}_1.jpg` (edited).
 
@@ -310,6 +310,40 @@ class _SeedsRecords(Records):
             yield i, self.get(i)
 
 
+class _ChainRecords(Records):
+    """Several records of the same columns one after another (imagefolder metadata files, each with its folder)."""
+
+    def __init__(self, parts: list[Records], *, description: str) -> None:
+        for part in parts[1:]:
+            if part.columns != parts[0].columns:
+                raise ValueError(f"{part.description} has the columns {part.columns}, but {parts[0].description} "
+                                 f"has {parts[0].columns}; every part of {description} needs the same columns")
+        lengths = [part.num_records for part in parts]
+        super().__init__(num_records=None if None in lengths else sum(lengths), streaming=parts[0].streaming,
+                         columns=parts[0].columns, description=description, base_dir=None)
+        self._parts = parts
+
+    def get(self, i: int) -> dict[str, Any]:
+        if self.streaming:
+            return super().get(i)
+        if not 0 <= i < self.num_records:
+            raise IndexError(f"record index {i} is out of range for {self.num_records} records")
+        for part in self._parts:
+            if i < part.num_records:
+                return part.get(i)
+            i -= part.num_records
+        raise AssertionError("unreachable: the parts' lengths sum to num_records")
+
+    def iterate(self, start: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
+        offset = 0
+        for part in self._parts:
+            if part.num_records is None or offset + part.num_records > start:
+                for position, raw in part.iterate(max(0, start - offset)):
+                    yield offset + position, raw
+            offset += part.count()  # known by now, unless `start` lay beyond this part (then one more pass)
+        self.num_records = offset
+
+
 def _pylist(table: pa.Table) -> list[dict[str, Any]]:
     """The table's rows as dicts, with JSON-typed columns decoded.
 
@@ -428,13 +462,16 @@ def _parquet_records(files: list[str], *, columns: ColumnMap, streaming: bool, d
 
 
 def _json_records(files: list[str], *, columns: ColumnMap, streaming: bool, description: str,
-                  base_dir: str | None, cache_dir: str | None, builder: str = "json") -> Records:
+                  base_dir: str | None, cache_dir: str | None, builder: str = "json",
+                  renames: dict[str, str] | None = None) -> Records:
     files = [path for path in files if os.path.getsize(path) > 0]  # datasets' json reader fails on empty files
     if not files:
         raise ValueError(f"{description} has no records; check data.path and data.split")
     with _reading(description):
         dataset = _load_dataset(builder, data_files={"train": files}, split="train", streaming=streaming,
                                 cache_dir=cache_dir)
+        if renames:
+            dataset = dataset.rename_columns(renames)
     return _dataset_records(dataset, columns=columns, streaming=streaming, description=description,
                             base_dir=base_dir)
 
@@ -520,26 +557,27 @@ def _metadata_columns(path: str) -> list[str]:
     return []
 
 
-def _names_image_files(columns: list[str]) -> bool:
-    """Whether imagefolder metadata with these columns names image files (`file_name`, `<name>_file_name`, ...)."""
-    return any(name in ("file_name", "file_names") or name.endswith(("_file_name", "_file_names")) for name in columns)
-
-
 def _imagefolder_records(metadata: list[str], label: str, *, split: str, columns: ColumnMap, streaming: bool,
                          cache_dir: str | None) -> Records:
-    """Records of imagefolder metadata files (in the given order), each naming image files relative to its folder."""
-    import datasets
+    """Records of imagefolder metadata files, in the given order; each names images relative to its own folder.
 
-    # The metadata files are given, not the folder: datasets would split a folder's files by the words in their
-    # paths, and images under e.g. `test_images/` then hide the metadata of split "train". One load per file:
-    # datasets keeps several metadata files of a load in a set, whose order changes with the process's hash
-    # seed, so two ranks (or a run and its resume) would number the records differently.
-    with _reading(f"imagefolder {label}"):
-        parts = [_load_dataset("imagefolder", data_files={split: [path]}, split=split, streaming=streaming,
-                               cache_dir=cache_dir) for path in metadata]
-        dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    return _dataset_records(dataset, columns=columns, streaming=streaming,
-                            description=f"imagefolder {label} (split {split!r})", base_dir=None)
+    The files are read as plain rows, with each `<name>_file_name` column renamed `<name>` (`file_name`: `image`),
+    rather than through datasets' imagefolder builder: that builder splits a folder's files by the words in their
+    paths (images under `test_images/` hid the metadata of split "train"), keeps several metadata files in a set
+    whose order follows the process's hash seed (ranks and resumed runs numbered records apart), and refuses a
+    whole dataset, or a stream when it reaches the row, for one absolute or `..` file name.
+    """
+    parts = []
+    for path in metadata:
+        renames = {name: name[:-len("_file_name")] or "image" for name in _metadata_columns(path)
+                   if name == "file_name" or name.endswith("_file_name")}
+        builder = {".csv": "csv", ".parquet": "parquet"}.get(os.path.splitext(path)[1], "json")
+        parts.append(_json_records([path], columns=columns, streaming=streaming, description=f"metadata {path}",
+                                   base_dir=os.path.dirname(path), cache_dir=cache_dir, builder=builder,
+                                   renames=renames))
+    if len(parts) == 1:
+        return parts[0]
+    return _ChainRecords(parts, description=f"imagefolder {label} (split {split!r}, {len(parts)} metadata files)")
 
 
 def _folder_records(root: str, label: str, *, split: str, columns: ColumnMap, streaming: bool,
@@ -565,20 +603,14 @@ def _folder_records(root: str, label: str, *, split: str, columns: ColumnMap, st
 
     metadata = _metadata_file(root, split)
     if metadata is not None:
-        if _names_image_files(_metadata_columns(metadata)):
-            return _imagefolder_records([metadata], label, split=split, columns=columns, streaming=streaming,
-                                        cache_dir=cache_dir)
-        # Plain rows whose image columns are paths relative to the metadata file's folder.
-        builder = {".csv": "csv", ".parquet": "parquet"}.get(os.path.splitext(metadata)[1], "json")
-        return _json_records([metadata], columns=columns, streaming=streaming, description=f"metadata {metadata}",
-                             base_dir=os.path.dirname(metadata), cache_dir=cache_dir, builder=builder)
+        return _imagefolder_records([metadata], label, split=split, columns=columns, streaming=streaming,
+                                    cache_dir=cache_dir)
 
     for kind in ("parquet", "json", "csv"):
         files = _split_files(root, kind, split)
         if files:
             # Metadata files in subfolders (shard-0/metadata.jsonl, ...): each names images beside it.
-            if (all(os.path.basename(path) in _METADATA_NAMES for path in files)
-                    and _names_image_files(_metadata_columns(files[0]))):
+            if all(os.path.basename(path) in _METADATA_NAMES for path in files):
                 return _imagefolder_records(files, label, split=split, columns=columns, streaming=streaming,
                                             cache_dir=cache_dir)
             description = f"{kind} folder {label} (split {split!r}, {len(files)} files)"
