@@ -195,3 +195,20 @@ def test_imagefolder_shards_resume_and_spread_over_workers_as_one_dataset(tmp_pa
                                                    max_steps=5), num_workers=2))
         for a, b in zip(whole[2:], resumed, strict=True):
             assert a["instruction"] == b["instruction"] and torch.equal(a["source"], b["source"])
+
+
+@pytest.mark.parametrize("name", ["metadata.jsonl", "metadata.csv"])
+def test_metadata_with_a_byte_order_mark(tmp_path, name):
+    # Windows editors start UTF-8 files with a BOM; datasets reads them, our look at the columns refused them.
+    folder = tmp_path / "imf"
+    names = write_image_files(folder, 2)
+    if name.endswith(".csv"):
+        text = "input_image_file_name,edit_prompt,edited_image_file_name\n" + "".join(
+            f"{s},edit {i},{t}\n" for i, (s, t) in enumerate(names))
+    else:
+        text = "".join(f'{{"input_image_file_name": "{s}", "edit_prompt": "edit {i}", "edited_image_file_name": "{t}"}}\n'
+                       for i, (s, t) in enumerate(names))
+    (folder / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+    records = open_records(folder, cache_dir=tmp_path / "cache")
+    assert [raw["instruction"] for _, raw in records.iterate()] == ["edit 0", "edit 1"]
+    assert np.array_equal(np.asarray(decode_image(records.get(1)["target"])), np.asarray(pair(1)[1]))

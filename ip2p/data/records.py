@@ -543,7 +543,7 @@ def _metadata_columns(path: str) -> list[str]:
     try:
         if path.endswith(".parquet"):
             return pq.read_schema(path).names
-        with open(path, encoding="utf-8", newline="") as handle:
+        with open(path, encoding="utf-8-sig", newline="") as handle:  # -sig: a BOM (Windows editors) is no column
             if path.endswith(".csv"):
                 return next(csv.reader(handle), [])
             for line in handle:
