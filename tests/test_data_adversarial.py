@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -206,8 +207,8 @@ def test_metadata_with_a_byte_order_mark(tmp_path, name):
         text = "input_image_file_name,edit_prompt,edited_image_file_name\n" + "".join(
             f"{s},edit {i},{t}\n" for i, (s, t) in enumerate(names))
     else:
-        text = "".join(f'{{"input_image_file_name": "{s}", "edit_prompt": "edit {i}", "edited_image_file_name": "{t}"}}\n'
-                       for i, (s, t) in enumerate(names))
+        text = "".join(json.dumps({"input_image_file_name": s, "edit_prompt": f"edit {i}", "edited_image_file_name": t})
+                       + "\n" for i, (s, t) in enumerate(names))
     (folder / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
     records = open_records(folder, cache_dir=tmp_path / "cache")
     assert [raw["instruction"] for _, raw in records.iterate()] == ["edit 0", "edit 1"]
