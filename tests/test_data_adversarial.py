@@ -213,3 +213,13 @@ def test_metadata_with_a_byte_order_mark(tmp_path, name):
     records = open_records(folder, cache_dir=tmp_path / "cache")
     assert [raw["instruction"] for _, raw in records.iterate()] == ["edit 0", "edit 1"]
     assert np.array_equal(np.asarray(decode_image(records.get(1)["target"])), np.asarray(pair(1)[1]))
+
+
+def test_an_empty_imagefolder_shard_among_others_is_left_out(tmp_path):
+    for k in range(2):
+        _imagefolder(tmp_path / "imf" / f"shard-{k}", 2, first=10 * k)
+    (tmp_path / "imf" / "shard-2").mkdir()
+    (tmp_path / "imf" / "shard-2" / "metadata.jsonl").write_text("")
+    for streaming in (False, True):
+        records = open_records(tmp_path / "imf", streaming=streaming, cache_dir=tmp_path / "cache")
+        assert [raw["instruction"] for _, raw in records.iterate()] == ["edit 0", "edit 1", "edit 10", "edit 11"]

@@ -568,7 +568,8 @@ def _imagefolder_records(metadata: list[str], label: str, *, split: str, columns
     whole dataset, or a stream when it reaches the row, for one absolute or `..` file name.
     """
     parts = []
-    for path in metadata:
+    # An empty shard among others is left out, as a row-less parquet shard is; alone, it is an error naming it.
+    for path in [path for path in metadata if os.path.getsize(path) > 0] or metadata[:1]:
         renames = {name: name[:-len("_file_name")] or "image" for name in _metadata_columns(path)
                    if name == "file_name" or name.endswith("_file_name")}
         builder = {".csv": "csv", ".parquet": "parquet"}.get(os.path.splitext(path)[1], "json")
