@@ -130,6 +130,24 @@ def test_guidance_sweep_table_and_plot(editor, examples, tmp_path):
     assert len(table) == 1 + len(rows) and table[0].startswith("sweep,text_guidance,image_guidance,success")
 
 
+def test_the_point_both_sweeps_share_is_edited_once(editor, examples, monkeypatch):
+    # The demo sweeps s_I at s_T = 1.5 and s_T at s_I = 1.2: (1.5, 1.2) is on both lines; it used to be edited twice.
+    calls = []
+    real = sw.run_edits
+
+    def counting(model, examples, **kwargs):
+        calls.append((kwargs["text_guidance"], kwargs["image_guidance"]))
+        return real(model, examples, **kwargs)
+
+    monkeypatch.setattr(sw, "run_edits", counting)
+    rows = sw.guidance_sweep(editor, examples[:2], text_guidance=1.5, image_guidance=1.2, image_scales=(1.0, 1.2),
+                             text_scales=(1.0, 1.5), steps=1, batch_size=2, progress=False)
+    assert [(r["sweep"], r["text_guidance"], r["image_guidance"]) for r in rows] == [
+        ("image", 1.5, 1.0), ("image", 1.5, 1.2), ("text", 1.0, 1.2), ("text", 1.5, 1.2)]
+    assert sorted(calls) == [(1.0, 1.2), (1.5, 1.0), (1.5, 1.2)]
+    assert {k: v for k, v in rows[1].items() if k != "sweep"} == {k: v for k, v in rows[3].items() if k != "sweep"}
+
+
 def test_sweep_table_and_plot_failing_mid_write_keep_the_previous_files(tmp_path, monkeypatch):
     import csv
 

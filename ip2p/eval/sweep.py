@@ -52,10 +52,13 @@ def guidance_sweep(model: Any, examples: Sequence[EditExample], *, text_guidance
     settings = [("image", float(text_guidance), float(s)) for s in image_scales]
     settings += [("text", float(s), float(image_guidance)) for s in text_scales]
     rows = []
+    done: dict[tuple[float, float], dict] = {}  # the point both sweeps pass through edits the same: run it once
     for sweep, s_t, s_i in tqdm(settings, desc="guidance sweep", unit="setting", disable=not progress):
-        outputs = run_edits(model, examples, steps=steps, text_guidance=s_t, image_guidance=s_i, scheduler=scheduler,
-                            seed=seed, batch_size=batch_size, progress=False)
-        summary = score_edits(examples, outputs, clip=scorer)
+        if (s_t, s_i) not in done:
+            outputs = run_edits(model, examples, steps=steps, text_guidance=s_t, image_guidance=s_i,
+                                scheduler=scheduler, seed=seed, batch_size=batch_size, progress=False)
+            done[s_t, s_i] = score_edits(examples, outputs, clip=scorer)
+        summary = done[s_t, s_i]
         row = {"sweep": sweep, "text_guidance": s_t, "image_guidance": s_i}
         row.update({key: summary[key] for key in ROW_KEYS[3:]})
         row.update({key: summary[key] for key in ("clip_sim_image", "clip_sim_dir") if key in summary})
