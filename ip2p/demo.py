@@ -127,6 +127,11 @@ def _summary_line(metrics: dict[str, Any]) -> str:
         by_type = ", ".join(f"{t} {v['success']:.2f}" for t, v in m["by_type"].items())
         kept = f", objects kept {m['objects_kept']:.2f}" if "objects_kept" in m else ""
         parts.append(f"{key} success {m['success']:.2f} (strict {m['strict_success']:.2f}{kept}; {by_type})")
+    training = metrics.get("training", {})
+    if training.get("steps", 0) < training.get("max_steps", 0):
+        # A slow or busy machine: the numbers above are for a model trained for a fraction of the demo's steps.
+        parts.append(f"trained {training['steps']} of {training['max_steps']} steps (stopped by "
+                     f"train.max_minutes={training['max_minutes']:g})")
     return "; ".join(parts) + f"; {metrics['wall_seconds']:.0f} s"
 
 

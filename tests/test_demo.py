@@ -71,6 +71,14 @@ def test_quick_demo_metrics_structure(quick_run):
     assert len(sweep) == len(quick.image_scales) + len(quick.text_scales)
 
 
+def test_summary_line_says_when_training_stopped_at_the_time_budget(quick_run):
+    metrics = json.loads((quick_run / "metrics.json").read_text())
+    assert "trained" not in demo._summary_line(metrics)  # the quick run reaches max_steps
+    # On a busy 2-core machine the full demo stopped at step 91 of 400; its summary line did not say so.
+    metrics["training"].update(steps=91, max_steps=400, max_minutes=10.5)
+    assert "; trained 91 of 400 steps (stopped by train.max_minutes=10.5); " in demo._summary_line(metrics)
+
+
 def test_bad_override_fails_before_data_and_base_are_built(tmp_path, caplog):
     out = tmp_path / "bad"
     assert demo.main(["--quick", "--output", str(out), "train.max_minutes=abc"]) == 2
