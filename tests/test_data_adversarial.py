@@ -223,3 +223,13 @@ def test_an_empty_imagefolder_shard_among_others_is_left_out(tmp_path):
     for streaming in (False, True):
         records = open_records(tmp_path / "imf", streaming=streaming, cache_dir=tmp_path / "cache")
         assert [raw["instruction"] for _, raw in records.iterate()] == ["edit 0", "edit 1", "edit 10", "edit 11"]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_file_name_column_beside_the_column_it_becomes_is_an_error(tmp_path, streaming):
+    folder = tmp_path / "imf"
+    names = write_image_files(folder, 1)
+    write_jsonl(folder / "metadata.jsonl", [{"file_name": names[0][0], "image": "x", "edit_prompt": "edit 0",
+                                            "edited_image": names[0][1]}])
+    with pytest.raises(ValueError, match=r"metadata.jsonl has the columns 'file_name' and 'image'"):
+        open_records(folder, streaming=streaming, cache_dir=tmp_path / "cache")

@@ -570,8 +570,13 @@ def _imagefolder_records(metadata: list[str], label: str, *, split: str, columns
     parts = []
     # An empty shard among others is left out, as a row-less parquet shard is; alone, it is an error naming it.
     for path in [path for path in metadata if os.path.getsize(path) > 0] or metadata[:1]:
-        renames = {name: name[:-len("_file_name")] or "image" for name in _metadata_columns(path)
+        names = _metadata_columns(path)
+        renames = {name: name[:-len("_file_name")] or "image" for name in names
                    if name == "file_name" or name.endswith("_file_name")}
+        for name, image in renames.items():
+            if image in names:
+                raise ValueError(f"the metadata file {path} has the columns {name!r} and {image!r}, but {name!r} "
+                                 f"names the images of the column {image!r}; rename one of them")
         builder = {".csv": "csv", ".parquet": "parquet"}.get(os.path.splitext(path)[1], "json")
         parts.append(_json_records([path], columns=columns, streaming=streaming, description=f"metadata {path}",
                                    base_dir=os.path.dirname(path), cache_dir=cache_dir, builder=builder,
