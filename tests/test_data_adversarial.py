@@ -233,3 +233,14 @@ def test_a_file_name_column_beside_the_column_it_becomes_is_an_error(tmp_path, s
                                             "edited_image": names[0][1]}])
     with pytest.raises(ValueError, match=r"metadata.jsonl has the columns 'file_name' and 'image'"):
         open_records(folder, streaming=streaming, cache_dir=tmp_path / "cache")
+
+
+def test_a_row_less_first_shard_with_other_columns_does_not_decide_them(tmp_path):
+    root = tmp_path / "pq"
+    (root / "data").mkdir(parents=True)
+    old = image_rows(1, names=("input_image", "instruction", "edited_image"))
+    image_dataset(old).select([]).to_parquet(str(root / "data" / "train-00000-of-00002.parquet"))
+    image_dataset(image_rows(2)).to_parquet(str(root / "data" / "train-00001-of-00002.parquet"))
+    for streaming in (False, True):
+        records = open_records(root, streaming=streaming, cache_dir=tmp_path / "cache")
+        assert [raw["instruction"] for _, raw in records.iterate()] == ["edit 0", "edit 1"]

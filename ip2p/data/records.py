@@ -427,30 +427,27 @@ def _dataset_records(dataset: Any, *, columns: ColumnMap, streaming: bool, descr
 
 def _parquet_records(files: list[str], *, columns: ColumnMap, streaming: bool, description: str,
                      base_dir: str | None, cache_dir: str | None) -> Records:
-    try:
-        names = pq.read_schema(files[0]).names
-    except (OSError, pa.ArrowException) as exc:
-        raise ValueError(f"cannot read the parquet file {files[0]} ({exc})") from exc
-    resolved = resolve_columns(columns, names, description)
-    needed = _unique(resolved)
     # Every footer is read up front, so a damaged shard or one without the columns is an error naming it now
     # rather than mid-run (streaming reaches it hours later), and row-less files are left out (datasets' parquet
-    # reader fails on them).
-    counts = []
+    # reader fails on them; their schema, maybe an old one, says nothing).
+    footers = []
     for path in files:
         try:
             footer = pq.ParquetFile(path)
-            counts.append(footer.metadata.num_rows)
-            missing = [name for name in needed if name not in footer.schema_arrow.names]
+            footers.append((path, footer.metadata.num_rows, footer.schema_arrow.names))
         except (OSError, pa.ArrowException) as exc:
             raise ValueError(f"cannot read the parquet file {path} ({exc})") from exc
-        if missing and counts[-1]:
-            raise ValueError(f"the parquet file {path} has no column {missing[0]!r}, which {files[0]} has; every "
-                             f"file of {description} needs the columns {needed}: its columns are "
-                             f"{footer.schema_arrow.names}")
-    files, counts = [path for path, n in zip(files, counts) if n], [n for n in counts if n]
-    if not files:
+    footers = [footer for footer in footers if footer[1]]
+    if not footers:
         raise ValueError(f"{description} has no records; check data.path and data.split")
+    resolved = resolve_columns(columns, footers[0][2], description)
+    needed = _unique(resolved)
+    for path, _, names in footers[1:]:
+        missing = [name for name in needed if name not in names]
+        if missing:
+            raise ValueError(f"the parquet file {path} has no column {missing[0]!r}, which {footers[0][0]} has; "
+                             f"every file of {description} needs the columns {needed}: its columns are {names}")
+    files, counts = [path for path, _, _ in footers], [count for _, count, _ in footers]
     if streaming:
         stream = _ParquetStream(files, counts, needed, cache_dir)
         return _StreamRecords(stream, num_records=sum(counts), columns=resolved, description=description,
@@ -647,8 +644,8 @@ def _hub_records(name: str, *, split: str, columns: ColumnMap, streaming: bool, 
         # `snapshot_download` put in the hub cache: read that copy as the local folder it is.
         snapshot = _hub_snapshot(name)
         if snapshot is not None:
-            logger.info("%s could not be loaded from the hub (%s); reading its copy in the hub cache, %s", name,
-                        reason, snapshot)
+            logger.warning("%s could not be loaded from the hub (%s); reading its copy in the hub cache, %s", name,
+                           reason, snapshot)
             return _folder_records(snapshot, name, split=split, columns=columns, streaming=streaming,
                                    cache_dir=cache_dir)
         raise FileNotFoundError(
