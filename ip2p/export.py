@@ -508,7 +508,9 @@ def _config_source(config_dir: str | None, checkpoint: dict[str, torch.Tensor], 
 
 def _check_keys_present(checkpoint: dict[str, torch.Tensor], path: Path, source: str, in_channels: int,
                         local_only: bool) -> None:
-    """Name the UNet/VAE weights the architecture needs but the file lacks (diffusers fails on them obscurely)."""
+    """Name the UNet/VAE weights the architecture needs but the file lacks (diffusers fails on them obscurely), and
+    those the file holds but the architecture has no place for (diffusers drops them silently: a file with two
+    transformer layers per block read with a one-layer config would load as another, wrong model)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     for cls, name, prefix, rules, overrides in (
@@ -522,6 +524,11 @@ def _check_keys_present(checkpoint: dict[str, torch.Tensor], path: Path, source:
         if missing:
             raise ValueError(f"{path} lacks {len(missing)} {name} weights that config_dir={source!r} needs (e.g. "
                              f"{missing[0]!r}); pass the --config-dir of the model family the file was trained from")
+        unused = sorted(k for k in checkpoint if k.startswith(prefix) and k not in expected)
+        if unused:
+            raise ValueError(f"{path} holds {len(unused)} {name} weights that config_dir={source!r} has no place for "
+                             f"(e.g. {unused[0]!r}), which would be dropped; pass the --config-dir of the model family "
+                             "the file was trained from")
 
 
 def _offline() -> bool:

@@ -390,6 +390,24 @@ def test_file_missing_weights_or_wrong_config_names_what_is_missing(tmp_path, sd
         export.load_single_file(sd_file, config_dir=str(tiny_editor_dir))
 
 
+def test_file_weights_the_config_has_no_place_for_are_refused_not_dropped(tmp_path, sd_file, tiny_sd_editor_dir):
+    """diffusers reads such a file into the config's smaller model, silently: here a UNet with two transformer layers
+    per block, or a VAE with mid-block attention, read with a config that has one layer or no attention."""
+    from diffusers import AutoencoderKL
+
+    c = tiny.tiny_components("sd", in_channels=8, seed=3)
+    torch.manual_seed(4)
+    c.unet = UNet2DConditionModel(**dict(c.unet.config, transformer_layers_per_block=2)).eval()
+    deep = export.save_single_file(c, tmp_path / "deep.safetensors")
+    with pytest.raises(ValueError, match=r"holds \d+ unet weights .*no place for .*transformer_blocks\.1\."):
+        export.load_single_file(deep, config_dir=str(tiny_sd_editor_dir))
+    c = tiny.tiny_components("sd", in_channels=8)
+    c.vae = AutoencoderKL(**dict(c.vae.config, mid_block_add_attention=False)).eval()
+    no_attention = export.save_pipeline_folder(c, tmp_path / "no-attention")
+    with pytest.raises(ValueError, match=r"holds \d+ vae weights .*no place for .*mid\.attn_1\."):
+        export.load_single_file(sd_file, config_dir=str(no_attention))
+
+
 def test_offline_without_config_dir_explains_the_flag(sd_file, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="--config-dir"):
