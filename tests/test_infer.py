@@ -82,6 +82,23 @@ def test_infer_reads_a_single_file_checkpoint(tiny_sd_editor_dir, photo, tmp_pat
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
 
 
+def test_infer_script_keeps_the_matmul_precision_diffusers_runs_with(monkeypatch):
+    """TF32 matmuls would make fp32 edits on a GPU differ from diffusers' pipeline, which leaves PyTorch's default."""
+    import runpy
+
+    import ip2p.inference
+
+    seen = []
+    monkeypatch.setattr(ip2p.inference, "main", lambda argv=None: seen.append(torch.backends.cuda.matmul.allow_tf32))
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        with pytest.raises(SystemExit):
+            runpy.run_path(infer.__file__, run_name="__main__")
+        assert seen == [before]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 @pytest.mark.parametrize("extra, message", [
     ({"--image": "missing.png"}, "missing.png"),
     ({"--instruction": " "}, "--instruction is empty"),
