@@ -26,6 +26,12 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
 def encode_text(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
     """CLIP last hidden state for each prompt, as Stable Diffusion conditions on it. Returns (B, L, D)."""
     device = text_encoder.device
+    positions = getattr(text_encoder.config, "max_position_embeddings", None)
+    if positions is not None and tokenizer.model_max_length > positions:
+        # Caught here: transformers fails deep inside (or, for a tokenizer saved without a length, overflows).
+        raise ValueError(f"the tokenizer pads to model_max_length={tokenizer.model_max_length} tokens but the text "
+                         f"encoder has {positions} positions; set model_max_length to {positions} in "
+                         "tokenizer/tokenizer_config.json")
     tokens = _tokenize(tokenizer, prompts)
     mask = None
     # Some SD text encoders (e.g. converted ones) were trained with an attention mask; diffusers honours this flag with

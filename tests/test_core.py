@@ -220,6 +220,18 @@ def test_encode_text_masks_as_diffusers_for_encoders_trained_with_a_mask():
     assert torch.equal(encode_text(c.text_encoder, c.tokenizer, [""]), null)
 
 
+def test_tokenizer_longer_than_the_text_encoder_is_a_clear_error(editor_and_pipe):
+    """diffusers fails inside the text encoder, or overflows for a tokenizer saved without a length (1e30)."""
+    model, _ = editor_and_pipe
+    short = tiny.tiny_text_encoder(len(model.tokenizer), max_length=64)
+    with pytest.raises(ValueError, match="model_max_length=77 tokens but the text encoder has 64 positions"):
+        encode_text(short, model.tokenizer, ["x"])
+    unbounded = tiny.tiny_tokenizer(max_length=int(1e30))
+    broken = EditorModel(model.unet, model.vae, model.text_encoder, unbounded, model.scheduler)
+    with pytest.raises(ValueError, match="set model_max_length to 77 in tokenizer/tokenizer_config.json"):
+        edit(broken, torch.zeros(1, 3, 16, 16), ["x"], steps=1, progress=False)
+
+
 def test_edit_is_reproducible_and_seed_dependent(editor_and_pipe):
     model, _ = editor_and_pipe
     image = torch.zeros(1, 3, 16, 16)
