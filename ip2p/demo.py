@@ -316,6 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as error:
         logger.error("error: %s", error)
         return 2
+    except KeyboardInterrupt:
+        # Every file the demo writes is written whole or not at all, so the same command simply starts again.
+        logger.error("interrupted; run the same command again: the data and base model in %s are kept (as are the "
+                     "latents cached so far), and training starts over", output)
+        return 130
     return 0
 
 

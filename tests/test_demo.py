@@ -79,6 +79,29 @@ def test_summary_line_says_when_training_stopped_at_the_time_budget(quick_run):
     assert "; trained 91 of 400 steps (stopped by train.max_minutes=10.5); " in demo._summary_line(metrics)
 
 
+def test_ctrl_c_during_training_is_one_line_and_the_rerun_keeps_data_and_base(tmp_path, caplog, monkeypatch):
+    from ip2p import training
+
+    caplog.set_level("INFO")
+    out = tmp_path / "run"
+    real = training.train
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", interrupted)
+    assert demo.main(["--quick", "--output", str(out)]) == 130  # was a KeyboardInterrupt traceback
+    assert "interrupted; run the same command again" in caplog.text
+    stamps = {name: (out / name / file).stat().st_mtime_ns for name, file in (("data", "params.json"),
+                                                                              ("base", "model_index.json"))}
+    monkeypatch.setattr(training, "train", real)
+    caplog.clear()
+    assert demo.main(["--quick", "--output", str(out)]) == 0
+    assert "not regenerating" in caplog.text and "not rebuilding" in caplog.text
+    assert stamps == {name: (out / name / file).stat().st_mtime_ns for name, file in (("data", "params.json"),
+                                                                                       ("base", "model_index.json"))}
+
+
 def test_bad_override_fails_before_data_and_base_are_built(tmp_path, caplog):
     out = tmp_path / "bad"
     assert demo.main(["--quick", "--output", str(out), "train.max_minutes=abc"]) == 2
