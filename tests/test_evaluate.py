@@ -231,3 +231,17 @@ def test_a_file_that_is_not_parquet_is_named(tmp_path):
     notes.write_text("not a table")
     with pytest.raises(ValueError, match=r"notes.parquet cannot be read as parquet .*ip2p.synthetic.write_dataset"):
         ev.load_examples(notes)
+
+
+def test_cli_help_gives_the_defaults_and_the_demo_settings(capsys):
+    # `python -m ip2p.eval` with the demo's guidance but the default 20 steps is not the demo's evaluation (10 steps);
+    # the help used to show neither default.
+    from ip2p.eval.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for phrase in ("default 20; the demo evaluates with 10", "default 7.5; the demo evaluates with 1.5",
+                   "default 1.5; the demo evaluates with 1.2", "default 32", "seed of the edits' noise (default 0)"):
+        assert phrase in text, phrase

@@ -35,13 +35,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"split to evaluate (repeatable; default: {', '.join(DEFAULT_SPLITS)})")
     parser.add_argument("--limit", type=int, default=None, help="first N examples of each split (default all)")
     parser.add_argument("--output", required=True, help="folder for metrics.json (and the sweep files)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--text-guidance", type=float, default=DEFAULT_TEXT_GUIDANCE, help="s_T")
-    parser.add_argument("--image-guidance", type=float, default=DEFAULT_IMAGE_GUIDANCE, help="s_I")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="denoising steps (default 20; the demo evaluates with 10)")
+    parser.add_argument("--text-guidance", type=float, default=DEFAULT_TEXT_GUIDANCE,
+                        help=f"s_T (default {DEFAULT_TEXT_GUIDANCE:g}; the demo evaluates with 1.5)")
+    parser.add_argument("--image-guidance", type=float, default=DEFAULT_IMAGE_GUIDANCE,
+                        help=f"s_I (default {DEFAULT_IMAGE_GUIDANCE:g}; the demo evaluates with 1.2)")
     parser.add_argument("--scheduler", choices=list(SCHEDULERS), default=None,
                         help="sampler (default: euler_a, or euler for a model trained with prediction_type=sample)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the edits' noise (default 0)")
+    parser.add_argument("--batch-size", type=int, default=32, help="examples edited at once (default 32)")
     parser.add_argument("--clip", default=None, help="CLIP model folder or hub id for CLIP similarities")
     parser.add_argument("--device", default="auto",
                         help="torch device: auto (a GPU if PyTorch sees one, else the CPU), cpu, cuda, ...")
