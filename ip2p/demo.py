@@ -278,8 +278,9 @@ def infer_command(checkpoint: str | os.PathLike, image: str | os.PathLike, instr
         relative = os.path.relpath(path)
         return None if relative.startswith("..") else relative
 
-    # This interpreter where it lives below the working folder (a project's .venv), else whichever `python` is set up.
-    python = (short(sys.executable) if sys.executable else None) or "python"
+    # This interpreter, short where it lives below the working folder (a project's .venv): run from elsewhere, a bare
+    # `python` would be whichever one the shell finds, often one without torch.
+    python = (short(sys.executable) or sys.executable) if sys.executable else "python"
     script = CONFIGS.parent / "infer.py"
     args = [python, short(script) or str(script), "--checkpoint", str(checkpoint), "--image", str(image),
             "--instruction", instruction, "--resolution", "0", "--steps", str(sampling["steps"]), "--scheduler",

@@ -102,6 +102,18 @@ def test_ctrl_c_during_training_is_one_line_and_the_rerun_keeps_data_and_base(tm
                                                                                        ("base", "model_index.json"))}
 
 
+def test_infer_command_names_this_interpreter_when_run_from_another_folder(tmp_path, monkeypatch):
+    import shlex
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "executable", "/opt/somewhere/.venv/bin/python")
+    sampling = dict(steps=10, scheduler="euler", text_guidance=1.5, image_guidance=1.2, seed=0)
+    args = shlex.split(demo.infer_command("runs/demo/final", "runs/demo/inputs/0.png", "x", sampling, "out.png"))
+    assert args[0] == "/opt/somewhere/.venv/bin/python"  # was a bare `python`: often one without torch
+    assert args[1] == str(demo.CONFIGS.parent / "infer.py")
+
+
 def test_bad_override_fails_before_data_and_base_are_built(tmp_path, caplog):
     out = tmp_path / "bad"
     assert demo.main(["--quick", "--output", str(out), "train.max_minutes=abc"]) == 2
