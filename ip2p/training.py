@@ -273,6 +273,30 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+_DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json", ".csv", ".tsv")
+
+
+def _data_fingerprint(path: str) -> list[tuple[str, int, int]]:
+    """Names, sizes and modification times of a local dataset's data and metadata files (parquet, arrow, JSON lines,
+    CSV; not the images they name), so that an edited dataset at the same path does not reuse another's latent cache.
+    Empty for a hub id."""
+    root = Path(path)
+    if root.is_file():
+        st = root.stat()
+        return [(root.name, st.st_size, st.st_mtime_ns)]
+    if not root.is_dir():
+        return []
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+        for name in sorted(filenames):
+            if name.lower().endswith(_DATA_SUFFIXES):
+                full = Path(dirpath) / name
+                st = full.stat()
+                found.append((full.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    return found
+
+
 class Trainer:
     """Holds the run's state; ``run()`` trains to ``train.max_steps`` and exports the final model."""
 
@@ -373,6 +397,7 @@ class Trainer:
         self.text_cache: dict[str, torch.Tensor] = {}
         # record number -> (source latent, target posterior mean, std); filled in the first epoch (data.cache).
         self.latent_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._cache_dir: Path | None = None
         self.global_step = 0
         self.saved_step: int | None = None  # the step of the checkpoint this run last saved or loaded
         self.global_batch = cfg.train.batch_size * acc.num_processes * cfg.train.gradient_accumulation
@@ -436,14 +461,18 @@ class Trainer:
         return tuple(torch.stack([row[k] for row in rows]) for k in range(3))
 
     def _cache_path(self, record: int) -> Path:
-        d = self.cfg.data
-        # A cache is only valid for the same data, split, preprocessing and VAE: they name its folder.
-        key = json.dumps([d.path, d.split, d.resolution, d.random_resize, self.cfg.model.pretrained,
-                          self.cfg.model.scale_source_latent], sort_keys=True)
-        import hashlib
+        if self._cache_dir is None:
+            d = self.cfg.data
+            # A cache is only valid for the same data (its columns and, for a local dataset, its data files' names,
+            # sizes and times), split, preprocessing and VAE: they name its folder.
+            key = json.dumps([d.path, d.split, d.resolution, d.random_resize, self.cfg.model.pretrained,
+                              self.cfg.model.scale_source_latent, d.source_column, d.instruction_column,
+                              d.target_column, _data_fingerprint(d.path)], sort_keys=True)
+            import hashlib
 
-        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        return self.out / "cache" / f"latents-{digest}" / f"{record // 10000:04d}" / f"{record}.safetensors"
+            digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+            self._cache_dir = self.out / "cache" / f"latents-{digest}"
+        return self._cache_dir / f"{record // 10000:04d}" / f"{record}.safetensors"
 
     def _load_cached(self, record: int) -> None:
         from safetensors.torch import load_file

@@ -480,6 +480,18 @@ def test_latent_cache_skips_the_vae_and_changes_nothing(tmp_path, monkeypatch):
     trainer.latent_cache.clear()
     again = trainer._encode_images(*args)
     assert calls == [] and all(torch.equal(a, b) for a, b in zip(first, again))
+    # Other columns, or the same path with other data, must not read this cache (it trained swapped images).
+    folder = trainer._cache_path(0).parent.parent
+    trainer._cache_dir = None
+    trainer.cfg.data.source_column, trainer.cfg.data.target_column = "edited_image", "input_image"
+    assert trainer._cache_path(0).parent.parent != folder
+    trainer._cache_dir = None
+    trainer.cfg.data.source_column = trainer.cfg.data.target_column = None
+    assert trainer._cache_path(0).parent.parent == folder
+    shard = sorted(Path(small).rglob("*.parquet"))[0]
+    shard.write_bytes(shard.read_bytes() + b"\0")
+    trainer._cache_dir = None
+    assert trainer._cache_path(0).parent.parent != folder
     with pytest.raises(Exception, match="fixed preprocessing"):
         load_config(None, ["data.cache=text+latents"])
 
