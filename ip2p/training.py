@@ -332,6 +332,9 @@ class Trainer:
                                  f"{e.filename}); choose another output_dir") from None
             cfgmod.save(cfg, self.out / "config.yaml")
 
+        # The data is opened once before the base model (minutes for Stable Diffusion) so that a wrong data.path,
+        # split or column is an error now; the loader opens it again in _batches.
+        self._open_records()
         components, _ = load_components(cfg.model.pretrained, config_dir=cfg.model.config_dir)
         self.tokenizer = components["tokenizer"]
         self.base_scheduler_config = dict(components["scheduler"].config)
@@ -406,13 +409,19 @@ class Trainer:
         self.vae_scale = vae_downsampling(self.vae)
 
     # -- data --
-    def _batches(self, start_step: int, cached_records: frozenset[int] = frozenset()):
-        """The data loader from micro-step ``start_step``; ``cached_records`` (in the latent cache) are not decoded."""
-        from ip2p.data import AugmentConfig, ColumnMap, EditBatches, make_dataloader, open_records
+    def _open_records(self):
+        from ip2p.data import ColumnMap, open_records
 
         d = self.cfg.data
-        records = open_records(d.path, split=d.split, streaming=d.streaming,
-                               columns=ColumnMap(d.source_column, d.instruction_column, d.target_column))
+        return open_records(d.path, split=d.split, streaming=d.streaming,
+                            columns=ColumnMap(d.source_column, d.instruction_column, d.target_column))
+
+    def _batches(self, start_step: int, cached_records: frozenset[int] = frozenset()):
+        """The data loader from micro-step ``start_step``; ``cached_records`` (in the latent cache) are not decoded."""
+        from ip2p.data import AugmentConfig, EditBatches, make_dataloader
+
+        d = self.cfg.data
+        records = self._open_records()
         augment = AugmentConfig(resolution=d.resolution, random_resize=tuple(d.random_resize),
                                 random_crop=d.random_crop, random_flip=d.random_flip)
         batches = EditBatches(records, batch_size=self.cfg.train.batch_size, rank=self.accelerator.process_index,

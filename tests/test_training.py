@@ -641,6 +641,21 @@ def test_unusable_data_and_validation_images_fail_before_training(tmp_path, data
     assert "validation.images" in caplog.text and str(missing) in caplog.text and not list_checkpoints(out)
 
 
+def test_a_wrong_data_path_or_column_fails_before_the_base_model_loads(tmp_path, data_dir, caplog, monkeypatch):
+    # Loading Stable Diffusion takes minutes: a typo in the data settings must not wait for it.
+    import ip2p.training as training_mod
+
+    def never(*args, **kwargs):
+        raise AssertionError("the base model loaded before the data was checked")
+
+    monkeypatch.setattr(training_mod, "load_components", never)
+    assert train.main(overrides(tmp_path / "a", tmp_path / "no-such-data")) == 2
+    assert "no-such-data" in caplog.text
+    caplog.clear()
+    assert train.main(overrides(tmp_path / "b", data_dir, "data.instruction_column=prompt_typo")) == 2
+    assert "prompt_typo" in caplog.text
+
+
 def test_an_output_dir_that_is_a_file_is_a_clear_error(tmp_path, data_dir, caplog):
     (tmp_path / "taken").write_text("x")
     for out in (tmp_path / "taken", tmp_path / "taken" / "run"):
