@@ -141,6 +141,29 @@ def scheduler_from_config(config: dict):
     return cls.from_config(config)
 
 
+def hub_host() -> str:
+    """The host name of the Hugging Face hub endpoint in use (``HF_ENDPOINT``, default huggingface.co)."""
+    from urllib.parse import urlparse
+
+    import huggingface_hub.constants
+
+    return urlparse(huggingface_hub.constants.ENDPOINT).hostname or "huggingface.co"
+
+
+def hub_unreachable() -> bool:
+    """True when the hub's host name does not resolve (no network, no DNS) and no proxy is set (behind a proxy the
+    proxy resolves it): loading from the hub cannot work."""
+    import socket
+
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    try:
+        socket.getaddrinfo(hub_host(), 443)
+    except OSError:  # socket.gaierror
+        return True
+    return False
+
+
 def _load_folder(source: str, torch_dtype: torch.dtype | None) -> dict:
     """Components from a diffusers folder or hub id (one code path: diffusers resolves both)."""
     import diffusers
@@ -157,14 +180,19 @@ def _load_folder(source: str, torch_dtype: torch.dtype | None) -> dict:
                 f"checkpoint folder {source!r} lacks {', '.join(missing)}: expected a diffusers pipeline folder "
                 "(model_index.json with unet/ vae/ text_encoder/ tokenizer/ scheduler/)"
             )
+    # A hub id on a machine that cannot reach the hub: read the local hub cache only, at once, instead of retrying
+    # every file for half a minute and then naming a missing scheduler_config.json.
+    unreachable = not local.exists() and hub_unreachable()
+    only = {"local_files_only": True} if unreachable else {}
     try:
-        sched_config = diffusers.DDPMScheduler.load_config(source, subfolder="scheduler")
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+        sched_config = diffusers.DDPMScheduler.load_config(source, subfolder="scheduler", **only)
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **only)
         check_tokenizer(tokenizer, f"checkpoint {source!r}")
         return {
-            "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype),
-            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype),
-            "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch_dtype),
+            "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype, **only),
+            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype, **only),
+            "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch_dtype,
+                                                          **only),
             "tokenizer": tokenizer,
             "scheduler": scheduler_from_config(sched_config),
         }
@@ -173,6 +201,12 @@ def _load_folder(source: str, torch_dtype: torch.dtype | None) -> dict:
             first = first_line(e)
             raise ValueError(f"checkpoint folder {source!r} is incomplete or damaged ({first}); re-export or "
                              "re-download it") from e
+        if unreachable:
+            raise FileNotFoundError(
+                f"could not load {source!r}: it is not a local folder, the hub ({hub_host()}) cannot be reached from "
+                "this machine, and the local hub cache has no complete copy of it; pass a local diffusers folder or "
+                f"single file, or download it where there is network (`hf download {source}`) into this machine's "
+                "hub cache") from e
         raise FileNotFoundError(
             f"could not load {source!r}: it is not a local folder, and as a hub id it failed ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); check the path, or download it first when offline"

@@ -338,3 +338,36 @@ def test_importing_diffusers_pipelines_through_ip2p_prints_no_torchvision_notice
     logger = logging.getLogger("transformers.utils.import_utils")
     record = logger.makeRecord(logger.name, logging.WARNING, __file__, 0, "another notice", None, None)
     assert all(f.filter(record) for f in logger.filters)
+
+
+def test_a_hub_id_without_network_reads_the_hub_cache_at_once_or_says_why_it_cannot(tmp_path, monkeypatch,
+                                                                                     tiny_editor_dir):
+    # No network: the id is looked up in the local hub cache only (no half minute of retries), and a miss says so.
+    import shutil
+    import socket
+
+    import huggingface_hub.constants
+
+    from ip2p import models
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--editor" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_editor_dir, snapshot)
+    (cache / "models--someone--editor" / "refs").mkdir()
+    (cache / "models--someone--editor" / "refs" / "main").write_text("0123456789abcdef0123456789abcdef01234567")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert models.hub_unreachable()
+    components, _ = models.load_components("someone/editor")
+    expected, _ = models.load_components(str(tiny_editor_dir))
+    assert all(torch.equal(a, b) for a, b in zip(components["unet"].state_dict().values(),
+                                                 expected["unet"].state_dict().values()))
+    with pytest.raises(FileNotFoundError, match=r"cannot be reached from this machine.*hf download someone/other"):
+        models.load_components("someone/other")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # the proxy resolves names: not known here
+    assert not models.hub_unreachable()
