@@ -332,9 +332,13 @@ class Trainer:
                                  f"{e.filename}); choose another output_dir") from None
             cfgmod.save(cfg, self.out / "config.yaml")
 
-        # The data is opened once before the base model (minutes for Stable Diffusion) so that a wrong data.path,
-        # split or column is an error now; the loader opens it again in _batches.
-        self._open_records()
+        # The data is opened before the base model (minutes for Stable Diffusion) so that a wrong data.path, split or
+        # column is an error now; every data loader of the run reads these records.
+        from ip2p.data import ColumnMap, open_records
+
+        d = cfg.data
+        self.records = open_records(d.path, split=d.split, streaming=d.streaming,
+                                    columns=ColumnMap(d.source_column, d.instruction_column, d.target_column))
         components, _ = load_components(cfg.model.pretrained, config_dir=cfg.model.config_dir)
         self.tokenizer = components["tokenizer"]
         self.base_scheduler_config = dict(components["scheduler"].config)
@@ -409,22 +413,14 @@ class Trainer:
         self.vae_scale = vae_downsampling(self.vae)
 
     # -- data --
-    def _open_records(self):
-        from ip2p.data import ColumnMap, open_records
-
-        d = self.cfg.data
-        return open_records(d.path, split=d.split, streaming=d.streaming,
-                            columns=ColumnMap(d.source_column, d.instruction_column, d.target_column))
-
     def _batches(self, start_step: int, cached_records: frozenset[int] = frozenset()):
         """The data loader from micro-step ``start_step``; ``cached_records`` (in the latent cache) are not decoded."""
         from ip2p.data import AugmentConfig, EditBatches, make_dataloader
 
         d = self.cfg.data
-        records = self._open_records()
         augment = AugmentConfig(resolution=d.resolution, random_resize=tuple(d.random_resize),
                                 random_crop=d.random_crop, random_flip=d.random_flip)
-        batches = EditBatches(records, batch_size=self.cfg.train.batch_size, rank=self.accelerator.process_index,
+        batches = EditBatches(self.records, batch_size=self.cfg.train.batch_size, rank=self.accelerator.process_index,
                               world_size=self.accelerator.num_processes, seed=self.cfg.seed, augment=augment,
                               shuffle=d.shuffle, start_step=start_step, num_workers=d.num_workers,
                               cached_records=cached_records)
