@@ -14,7 +14,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from ip2p.atomic import output_folder
+from ip2p.atomic import output_folder, writing_folder
 
 logger = logging.getLogger("ip2p.datagen")
 
@@ -162,6 +162,10 @@ def _cmd_finetune(args) -> int:
     device = _device(args.device)
     # save_pretrained only warns about a file there, and the fine-tune would be lost
     out = output_folder(args.out, "--out")
+    # The new model replaces the folder whole (below): never one that holds something other than a model.
+    if any(out.iterdir()) and not (out / "config.json").is_file():
+        raise ValueError(f"--out {str(out)!r} is a folder with other files and no config.json; pass a new or empty "
+                         "folder, or a fine-tuned model folder to replace")
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=_dtype(args.dtype, device, training=True))
@@ -170,8 +174,10 @@ def _cmd_finetune(args) -> int:
                                 "folder or a hub id available offline") from e
     torch.manual_seed(args.seed)
     losses = finetune_lm(model.to(device), tokenizer, triples, config, progress=not args.quiet)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    # Built beside --out and swapped in whole: a kill mid-save leaves the previous model (or none), never half of one.
+    with writing_folder(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     logger.info("fine-tuned on %d triples for %d steps (loss %.4f -> %.4f); saved to %s", len(triples), len(losses),
                 losses[0], losses[-1], out)
     return 0
