@@ -25,18 +25,43 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _datagen(args: list[str], *, kill_in: str | None = None) -> subprocess.CompletedProcess:
-    """``python -m ip2p.datagen ARGS`` in a fresh process; ``kill_in="module.Class.method"`` SIGKILLs the process
-    the first time that method is called (a kill at an exact point, without timing)."""
+def _datagen(args: list[str], *, kill_at: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
+    """``python -m ip2p.datagen ARGS`` in a fresh process; ``kill_at=("module.name", n)`` (or ``module.Class.name``)
+    SIGKILLs the process at the n-th call of that function, earlier calls running as usual: a kill at an exact point,
+    without timing."""
     code = "import sys\n"
-    if kill_in:
-        module, owner, method = kill_in.rsplit(".", 2)
-        code += (f"import os, signal, importlib\nowner = getattr(importlib.import_module({module!r}), {owner!r})\n"
-                 f"setattr(owner, {method!r}, lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL))\n")
+    if kill_at:
+        dotted, n = kill_at
+        code += f"""
+import importlib, os, signal
+module, name = {dotted!r}.rsplit(".", 1)
+try:
+    owner = importlib.import_module(module)
+except ImportError:
+    module, cls = module.rsplit(".", 1)
+    owner = getattr(importlib.import_module(module), cls)
+original, calls = getattr(owner, name), []
+def killing(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == {n}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+setattr(owner, name, killing)
+"""
     code += "from ip2p.datagen.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
+
+
+def _killed(args: list[str], at: str, n: int = 1) -> None:
+    result = _datagen(args, kill_at=(at, n))
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+
+
+def _ok(args: list[str]) -> None:
+    result = _datagen(args)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def _state(folder: Path) -> dict[str, torch.Tensor]:
@@ -50,15 +75,14 @@ def test_finetune_killed_while_saving_over_a_fine_tune_keeps_the_old_one_and_a_r
     base = tiny.save_tiny_causal_lm(tmp_path / "lm")
     out = tmp_path / "lm-ft"
     args = ["finetune-lm", "--model", str(base), "--out", str(out), "--epochs", "1", "--batch-size", "8", "--quiet"]
-    assert _datagen([*args, "--lr", "1e-3"]).returncode == 0
+    _ok([*args, "--lr", "1e-3"])
     first = _state(out)
     # Killed after the weights are written, before the tokenizer: the old fine-tune used to be half overwritten.
-    killed = _datagen([*args, "--lr", "3e-2"], kill_in="transformers.PreTrainedTokenizerBase.save_pretrained")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    _killed([*args, "--lr", "3e-2"], "transformers.PreTrainedTokenizerBase.save_pretrained")
     kept = _state(out)
     assert all(torch.equal(kept[key], first[key]) for key in first)
     assert (out / "tokenizer_config.json").is_file()
-    assert _datagen([*args, "--lr", "3e-2"]).returncode == 0
+    _ok([*args, "--lr", "3e-2"])
     second = _state(out)
     assert any(not torch.equal(second[key], first[key]) for key in first)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lm", "lm-ft"]  # the killed run's folder is gone
@@ -73,3 +97,40 @@ def test_finetune_refuses_to_replace_a_folder_that_is_not_a_model(tmp_path, capl
     assert cli.main(["finetune-lm", "--model", str(tmp_path / "no-model"), "--out", str(out), "--quiet"]) == 2
     assert "is a folder with other files and no config.json" in caplog.text
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+# -- text --------------------------------------------------------------------------------------------------------------
+TRIPLES = [("a red car", "make it blue", "a blue car"), ("a dog on grass", "add snow", "a dog on snow"),
+           ("a house", "make it night", "a house at night")]
+
+
+@pytest.fixture(scope="module")
+def tuned_lm(tmp_path_factory) -> Path:
+    """A tiny LM that has memorised TRIPLES, so the text stage keeps its captions (~2 s)."""
+    from ip2p.datagen import cli
+
+    folder = tmp_path_factory.mktemp("lm")
+    triples = folder / "triples.jsonl"
+    triples.write_text("".join(json.dumps({"input": a, "edit": b, "output": c}) + "\n" for a, b, c in TRIPLES))
+    base = tiny.save_tiny_causal_lm(folder / "base")
+    assert cli.main(["finetune-lm", "--model", str(base), "--triples", str(triples), "--out", str(folder / "tuned"),
+                     "--lr", "3e-3", "--epochs", "150", "--batch-size", "3", "--quiet"]) == 0
+    return folder / "tuned"
+
+
+def test_text_stage_killed_before_or_after_a_commit_resumes_to_the_uninterrupted_output(tmp_path, tuned_lm):
+    from ip2p.datagen import cli
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red car\na dog on grass\na house\n")
+    args = ["text", "--model", str(tuned_lm), "--captions", str(captions), "--batch-size", "1", "--quiet"]
+    assert cli.main([*args, "--out", str(tmp_path / "whole.jsonl")]) == 0
+    whole = (tmp_path / "whole.jsonl").read_text()
+    assert len(whole.splitlines()) == 3
+    # Kills at the first two progress writes: one of them falls after the first line is appended and flushed but
+    # before it is committed, which used to leave an output without a progress file that every rerun refused.
+    for n in (1, 2):
+        out = tmp_path / f"killed-{n}.jsonl"
+        _killed([*args, "--out", str(out)], "ip2p.atomic.write_json", n)
+        assert cli.main([*args, "--out", str(out)]) == 0
+        assert out.read_text() == whole

@@ -353,7 +353,8 @@ def run_text_stage(captions: Sequence[str], out_path: str | os.PathLike, generat
                              f"this shard only {len(items)}; pass the same caption file or a new --out")
     elif out.exists() and out.stat().st_size > 0:
         raise ValueError(f"{out} exists but has no {progress_file.name}; move it away or pass a new --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    else:  # committed before the first line: a run killed before its first batch's commit resumes from nothing
+        atomic.write_json(progress_file, state, ensure_ascii=False)
     dropped = Counter(state["dropped"])
     bar = tqdm(total=len(items), initial=state["done"], desc="captions", unit="caption", disable=not progress)
     with open(out, "ab") as handle:
