@@ -379,6 +379,25 @@ def test_writer_resume_drops_uncommitted_files_and_refuses_other_settings(tmp_pa
         DatasetWriter(out, formats="zip")
 
 
+def test_writer_resumed_with_another_shard_count_drops_the_killed_shards_uncommitted_file(tmp_path):
+    import pyarrow.parquet as pq
+
+    out, pairs = tmp_path / "ds", _pairs(4)
+    for index in (0, 1):
+        writer = DatasetWriter(out, shard=Shard(index, 2), rows_per_file=1)
+        writer.add_pair(pairs[index], _samples(pairs[index], 1), tried=1)  # committed
+    # Shard 1 is killed between writing the parquet file of pair 3 and its manifest update.
+    writer._rows = _samples(pairs[3], 1)
+    orphan = out / "data" / "train-00001-of-00002-00001.parquet"
+    atomic.write_bytes(orphan, writer._parquet_bytes(writer._rows))
+    resumed = DatasetWriter(out, rows_per_file=1)  # the rest is done by one process
+    assert resumed.done_ids == {0, 1} and not orphan.exists()
+    for pair in pairs[2:]:
+        resumed.add_pair(pair, _samples(pair, 1), tried=1)
+    resumed.close()
+    assert sorted(pq.read_table(out / "data").column("pair_id").to_pylist()) == [0, 1, 2, 3]  # pair 3 once
+
+
 def test_cli_bad_out_device_and_non_finite_settings_fail_before_any_model(tmp_path, caplog):
     from ip2p.datagen import cli
     from ip2p.datagen.config import FinetuneConfig, ImageConfig

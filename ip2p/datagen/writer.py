@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterable, Sequence
@@ -154,7 +155,7 @@ class DatasetWriter:
         fresh = {"version": MANIFEST_VERSION, "shard": [self.shard.index, self.shard.count],
                  "settings": self.settings, "done": [], "files": [], "seeds": [], "tried": 0, "kept": 0}
         if not self.manifest_path.is_file():
-            self._clean_orphans(set())
+            self._clean_orphans()
             return fresh
         manifest = json.loads(self.manifest_path.read_text())
         if manifest.get("settings") != self.settings:
@@ -163,18 +164,21 @@ class DatasetWriter:
                     if old.get(k) != new.get(k)]
             raise ValueError(f"{self.out} holds a run with other settings ({'; '.join(diff)}); resume with the same "
                              "settings or write to a new output folder")
-        self._clean_orphans(set(manifest["files"]))
+        self._clean_orphans()
         return manifest
 
-    def _clean_orphans(self, committed: set[str]) -> None:
-        """Delete this shard's parquet files the manifest does not list, and its temporary files."""
+    def _clean_orphans(self) -> None:
+        """Delete the parquet files (and temporary files) no manifest lists, of this shard and of any shard of another
+        shard count: a run resumed with other ``--num-shards`` redoes the pairs of such a file, which would otherwise
+        be in the dataset twice. Files of the other shards of this run are theirs to clean (they may be running)."""
         data = self.out / DATA_DIR
         if not data.is_dir():
             return
+        listed = {name for manifest in read_manifests(self.out) for name in manifest.get("files", [])}
         for path in data.iterdir():
-            ours = path.name.startswith(f"train-{self.shard.tag}-") or (
-                path.name.startswith(".train-") and self.shard.tag in path.name)
-            if ours and path.name not in committed:
+            tag = re.match(r"\.?train-(\d+)-of-(\d+)-", path.name)
+            ours = tag is not None and (int(tag.group(1)), int(tag.group(2))) == (self.shard.index, self.shard.count)
+            if tag is not None and (ours or int(tag.group(2)) != self.shard.count) and path.name not in listed:
                 logger.info("removing %s: written after the last commit of an interrupted run", path)
                 path.unlink()
 
