@@ -134,3 +134,39 @@ def test_text_stage_killed_before_or_after_a_commit_resumes_to_the_uninterrupted
         _killed([*args, "--out", str(out)], "ip2p.atomic.write_json", n)
         assert cli.main([*args, "--out", str(out)]) == 0
         assert out.read_text() == whole
+
+
+# -- bad input ---------------------------------------------------------------------------------------------------------
+def _fails(argv: list[str], message: str, caplog) -> None:
+    """``argv`` exits with status 2 and one error line containing ``message``, and no traceback."""
+    from ip2p.datagen import cli
+
+    caplog.clear()
+    assert cli.main(argv) == 2, argv
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and message in errors[0] and "\n" not in errors[0], (argv, errors)
+
+
+def test_empty_caption_and_prompt_files_are_errors_not_empty_datasets(tmp_path, caplog):
+    from ip2p.datagen import cli
+
+    empty_txt, empty_jsonl = tmp_path / "captions.txt", tmp_path / "prompts.jsonl"
+    empty_txt.write_text("\n  \n")
+    empty_jsonl.write_text("")
+    no_model = str(tmp_path / "no-model")  # never loaded: the inputs are read first
+    _fails(["text", "--model", no_model, "--captions", str(empty_txt), "--out", str(tmp_path / "p.jsonl")],
+           "captions.txt' has no captions; expected one caption a line", caplog)
+    _fails(["run", "--lm", no_model, "--captions", str(empty_txt), "--sd-model", "tiny", "--no-filter",
+            "--out", str(tmp_path / "run")], "has no captions", caplog)
+    _fails(["images", "--model", "tiny", "--prompts", str(empty_jsonl), "--no-filter", "--out", str(tmp_path / "o"),
+            *SMALL], "no caption pairs in " + str(empty_jsonl), caplog)
+    assert not (tmp_path / "o" / "data").exists()
+
+    # An LM that keeps no caption: `run` says so instead of writing an empty dataset; a shard without captions is fine.
+    lm = tiny.save_tiny_causal_lm(tmp_path / "random-lm")
+    captions = tmp_path / "one.txt"
+    captions.write_text("a red car\n")
+    run = ["run", "--lm", str(lm), "--captions", str(captions), "--sd-model", "tiny", "--no-filter",
+           "--max-new-tokens", "3", "--num-retries", "0", *SMALL]
+    _fails([*run, "--out", str(tmp_path / "r1")], "the text stage kept none of 1 captions", caplog)
+    assert cli.main([*run, "--out", str(tmp_path / "r2"), "--num-shards", "2", "--shard-index", "1"]) == 0

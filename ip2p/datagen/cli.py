@@ -206,7 +206,7 @@ def _run_text(args, lm: str, out: Path):
     stats = run_text_stage(captions, path, generator, config=config, shard=shard, safety=safety,
                            progress=not args.quiet)
     logger.info("wrote %d triples to %s", stats.kept, path)
-    return path
+    return path, stats
 
 
 def _cmd_text(args) -> int:
@@ -285,7 +285,13 @@ def _cmd_filter(args) -> int:
 
 def _cmd_run(args) -> int:
     out = output_folder(args.out, "--out")
-    prompts = _run_text(args, args.lm, out / "prompts.jsonl")
+    prompts, stats = _run_text(args, args.lm, out / "prompts.jsonl")
+    if not stats.kept:
+        if stats.captions:  # the images stage would write an empty dataset
+            raise ValueError(f"the text stage kept none of {stats.captions} captions (dropped: {stats.dropped}); "
+                             f"check --lm {args.lm!r} on a few captions with the text command")
+        logger.info("no caption of --captions falls to shard %s; nothing to generate", _shard(args).tag)
+        return 0
     _run_images(args, args.sd_model, [str(prompts)], out)
     return 0
 

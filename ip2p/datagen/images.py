@@ -203,6 +203,9 @@ def read_pairs(paths: Sequence[str]) -> list[Pair]:
                 raise ValueError(f"{where}: id {pair_id} was already used at {seen[pair_id]}; ids must be unique")
             seen[pair_id] = where
             pairs.append(Pair(pair_id, row["input"].strip(), row["edit"].strip(), row["output"].strip()))
+    if not pairs:
+        raise ValueError(f"no caption pairs in {', '.join(map(str, files))}; pass the text stage's output (JSON lines "
+                         "with input, edit, output)")
     return pairs
 
 

@@ -275,17 +275,21 @@ def read_captions(path: str | os.PathLike, key: str | None = None) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"caption file {str(path)!r} does not exist; pass a .txt (one caption a line) or "
                                 ".jsonl file")
-    if path.suffix.lower() not in (".jsonl", ".json"):
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     captions = []
-    for number, row in read_jsonl(path, "caption file"):
-        name = key if key is not None else next((k for k in CAPTION_KEYS if k in row), None)
-        value = row.get(name) if name is not None else None
-        if not isinstance(value, str):
-            expected = repr(key) if key is not None else f"one of {list(CAPTION_KEYS)}"
-            raise ValueError(f"{path}:{number}: no string caption under {expected}; its keys are {sorted(row)}; "
-                             "set --caption-key")
-        captions.append(value.strip())
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        captions = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        for number, row in read_jsonl(path, "caption file"):
+            name = key if key is not None else next((k for k in CAPTION_KEYS if k in row), None)
+            value = row.get(name) if name is not None else None
+            if not isinstance(value, str):
+                expected = repr(key) if key is not None else f"one of {list(CAPTION_KEYS)}"
+                raise ValueError(f"{path}:{number}: no string caption under {expected}; its keys are {sorted(row)}; "
+                                 "set --caption-key")
+            captions.append(value.strip())
+    if not any(captions):
+        raise ValueError(f"caption file {str(path)!r} has no captions; expected one caption a line (.txt) or JSON "
+                         "lines with a caption (.jsonl)")
     return captions
 
 
