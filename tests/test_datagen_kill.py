@@ -170,3 +170,26 @@ def test_empty_caption_and_prompt_files_are_errors_not_empty_datasets(tmp_path, 
            "--max-new-tokens", "3", "--num-retries", "0", *SMALL]
     _fails([*run, "--out", str(tmp_path / "r1")], "the text stage kept none of 1 captions", caplog)
     assert cli.main([*run, "--out", str(tmp_path / "r2"), "--num-shards", "2", "--shard-index", "1"]) == 0
+
+
+def test_caption_files_not_in_utf8_are_named_and_split_at_line_ends_only(tmp_path, caplog):
+    from ip2p.datagen.text import read_captions
+
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("a café\n".encode("utf-8") + "un café\n".encode("latin-1"))
+    for name in ("prompts.jsonl", "triples.jsonl", "safety.txt"):
+        (tmp_path / name).write_bytes(latin.read_bytes())
+    (tmp_path / "good.txt").write_text("a red car\n")
+    no_model = str(tmp_path / "no-model")
+    fix = "latin.txt' is not UTF-8 text (invalid continuation byte); convert it, e.g. with iconv"
+    _fails(["text", "--model", no_model, "--captions", str(latin), "--out", str(tmp_path / "p.jsonl")], fix, caplog)
+    _fails(["text", "--model", no_model, "--captions", str(tmp_path / "good.txt"), "--safety-words",
+            str(tmp_path / "safety.txt"), "--out", str(tmp_path / "p.jsonl")], "safety.txt' is not UTF-8", caplog)
+    _fails(["images", "--model", "tiny", "--prompts", str(tmp_path / "prompts.jsonl"), "--no-filter",
+            "--out", str(tmp_path / "o"), *SMALL], "prompts.jsonl' is not UTF-8", caplog)
+    _fails(["finetune-lm", "--model", no_model, "--triples", str(tmp_path / "triples.jsonl"), "--out",
+            str(tmp_path / "ft")], "triples.jsonl' is not UTF-8", caplog)
+    # U+2028 and U+0085 are not line ends of a caption file (str.splitlines split a caption in two there).
+    odd = tmp_path / "odd.txt"
+    odd.write_text("a red car\u2028at night\na dog\u0085on grass\r\nA house\n", encoding="utf-8")
+    assert read_captions(odd) == ["a red car\u2028at night", "a dog\u0085on grass", "A house"]

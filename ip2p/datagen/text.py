@@ -24,7 +24,7 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,8 +88,7 @@ class WordList:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"safety word list {str(path)!r} does not exist; pass a text file, one word a line")
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return cls(line for line in lines if not line.lstrip().startswith("#"))
+        return cls(line for _, line in _text_lines(path, "safety word list") if not line.lstrip().startswith("#"))
 
     def match(self, text: str) -> str | None:
         """The first listed word or phrase found in ``text``, or None."""
@@ -249,23 +248,34 @@ def edit_captions(items: Sequence[tuple[int, str]], generate: GenerateFn, *, num
     return [results[item_id] for item_id, _ in items]
 
 
+def _text_lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file, split at line ends only (``str.splitlines`` also splits at U+2028,
+    U+0085, ..., which LAION captions contain); another encoding raises a ValueError naming the file."""
+    with open(path, encoding="utf-8") as handle:
+        try:
+            for number, line in enumerate(handle, 1):
+                yield number, line.rstrip("\n")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{what} {str(path)!r} is not UTF-8 text ({e.reason}); convert it, e.g. with iconv -f "
+                             "latin1 -t utf-8") from None
+
+
 def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSON-lines file; a bad line raises ValueError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}); expected a JSON object a line") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: a JSON {type(row).__name__}, expected an object")
-            rows.append((number, row))
+    for number, line in _text_lines(path, what):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}); expected a JSON object a line") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: a JSON {type(row).__name__}, expected an object")
+        rows.append((number, row))
     return rows
 
 
@@ -277,7 +287,7 @@ def read_captions(path: str | os.PathLike, key: str | None = None) -> list[str]:
                                 ".jsonl file")
     captions = []
     if path.suffix.lower() not in (".jsonl", ".json"):
-        captions = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        captions = [line.strip() for _, line in _text_lines(path, "caption file") if line.strip()]
     else:
         for number, row in read_jsonl(path, "caption file"):
             name = key if key is not None else next((k for k in CAPTION_KEYS if k in row), None)
