@@ -193,3 +193,10 @@ def test_caption_files_not_in_utf8_are_named_and_split_at_line_ends_only(tmp_pat
     odd = tmp_path / "odd.txt"
     odd.write_text("a red car\u2028at night\na dog\u0085on grass\r\nA house\n", encoding="utf-8")
     assert read_captions(odd) == ["a red car\u2028at night", "a dog\u0085on grass", "A house"]
+
+
+def test_text_out_that_is_a_folder_is_named_as_such(tmp_path, caplog):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red car\n")
+    _fails(["text", "--model", str(tmp_path / "no-model"), "--captions", str(captions), "--out", str(tmp_path)],
+           f"--out {str(tmp_path)!r} is a folder; pass the JSON-lines file to write", caplog)

@@ -210,6 +210,9 @@ def _run_text(args, lm: str, out: Path):
 
 
 def _cmd_text(args) -> int:
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out!r} is a folder; pass the JSON-lines file to write, e.g. "
+                         f"{str(Path(args.out) / 'prompts.jsonl')!r}")
     output_folder(Path(args.out).parent, "the folder of --out")
     _run_text(args, args.model, Path(args.out))
     return 0
