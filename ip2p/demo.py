@@ -19,7 +19,9 @@ reconstruction quality, timings) and logs a one-line summary.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import math
 import os
 import sys
 import time
@@ -62,6 +64,12 @@ class DemoSettings:
     sweep_steps: int = 6
     image_scales: tuple[float, ...] = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2)
     text_scales: tuple[float, ...] = (1.0, 1.5, 3.0, 5.0, 7.5)
+    sweep_min_examples: int = 6
+    """The sweep's floor when the time budget would leave it fewer examples (it then runs past the budget)."""
+    max_minutes: float | None = None
+    """The whole run's time budget (None: none). Before training, the demo measures what an edit costs on this
+    machine and lowers ``train.max_minutes`` so that evaluation and the sweep fit after it; the sweep then takes as
+    many of its examples as the time left allows (at least ``sweep_min_examples``)."""
     overrides: tuple[str, ...] = field(default_factory=tuple)
     """Extra ``key=value`` training overrides."""
 
@@ -75,11 +83,74 @@ def _quick_base() -> Any:
 
 
 DEMOS: dict[str, DemoSettings] = {
-    "full": DemoSettings(config="demo.yaml", n_train=6000, n_test=120),
+    "full": DemoSettings(config="demo.yaml", n_train=6000, n_test=120, max_minutes=15.0),
     "quick": DemoSettings(config="demo-quick.yaml", n_train=48, n_test=12, base=_quick_base(), steps=4,
-                          batch_size=16, grid_per_split=(3, 1), sweep_examples=6, sweep_steps=2,
+                          batch_size=16, grid_per_split=(3, 1), sweep_examples=6, sweep_steps=2, sweep_min_examples=2,
                           image_scales=(1.0, 1.6, 2.2), text_scales=(1.0, 3.0)),
 }
+
+
+@dataclass(frozen=True)
+class EditCost:
+    """What one edit costs on this machine, in seconds: ``fixed`` (encoding, decoding, set-up) plus ``per_step`` for
+    each sampling step."""
+
+    fixed: float
+    per_step: float
+
+    def seconds(self, edits: int, steps: int) -> float:
+        return edits * (self.fixed + self.per_step * steps)
+
+
+def measure_edit_cost(model: Any, examples: Sequence[Any], *, batch_size: int, **sampling: Any) -> EditCost:
+    """Time ``ip2p.eval.run_edits`` on one batch of ``examples`` at 1 and 3 sampling steps (after a one-edit warm-up)
+    and split the cost into its fixed and per-step parts."""
+    from ip2p.eval.evaluate import run_edits
+
+    batch = list(examples[:batch_size])
+    if not batch:
+        raise ValueError("no examples to time the edits on")
+    sampling = dict(sampling, progress=False)
+    run_edits(model, batch[:1], **dict(sampling, steps=1))  # first-call set-up (thread pools, allocator) not counted
+    seconds = {}
+    for steps in (1, 3):
+        start = time.perf_counter()
+        run_edits(model, batch, batch_size=batch_size, **dict(sampling, steps=steps))
+        seconds[steps] = (time.perf_counter() - start) / len(batch)
+    per_step = max(seconds[3] - seconds[1], 0.0) / 2
+    return EditCost(fixed=max(seconds[1] - per_step, 0.0), per_step=per_step)
+
+
+def sweep_settings(settings: DemoSettings) -> int:
+    """Distinct (s_T, s_I) settings the sweep edits (the point both sweeps share is edited once)."""
+    points = {(settings.text_guidance, s) for s in settings.image_scales}
+    return len(points | {(s, settings.image_guidance) for s in settings.text_scales})
+
+
+def after_training_seconds(settings: DemoSettings, cost: EditCost, margin: float = 1.25,
+                           reserve: float = 30.0) -> float:
+    """Estimated seconds from the end of training to the end of the run: both test splits, the sweep at its full size
+    (times ``margin``, as the load of a shared machine varies), and ``reserve`` for loading, export and files."""
+    edits = cost.seconds(2 * settings.n_test, settings.steps)
+    edits += cost.seconds(settings.sweep_examples * sweep_settings(settings), settings.sweep_steps)
+    return margin * edits + reserve
+
+
+def training_minutes(budget_seconds: float, elapsed: float, after_training: float, cap: float,
+                     floor: float = 1.0) -> float:
+    """``train.max_minutes`` for a run that has ``budget_seconds`` in all, has spent ``elapsed`` and needs
+    ``after_training`` seconds after training: the time left, within ``cap`` (the config's own budget, 0 for none), and
+    at least ``floor`` minutes (a machine too slow for the budget still trains a little)."""
+    left = (budget_seconds - elapsed - after_training) / 60
+    if cap:
+        left = min(left, cap)
+    return round(max(left, floor), 2)
+
+
+def sweep_size(seconds_left: float, seconds_per_example: float, wanted: int, minimum: int) -> int:
+    """The sweep examples that fit in ``seconds_left``: at most ``wanted``, at least ``minimum`` (or ``wanted``)."""
+    fit = int(seconds_left // seconds_per_example) if seconds_per_example > 0 else wanted
+    return max(min(minimum, wanted), min(wanted, fit))
 
 
 def _config_path(name: str) -> Path:
@@ -132,7 +203,9 @@ def _summary_line(metrics: dict[str, Any]) -> str:
         # A slow or busy machine: the numbers above are for a model trained for a fraction of the demo's steps.
         parts.append(f"trained {training['steps']} of {training['max_steps']} steps (stopped by "
                      f"train.max_minutes={training['max_minutes']:g})")
-    return "; ".join(parts) + f"; {metrics['wall_seconds']:.0f} s"
+    budget = metrics.get("budget", {}).get("max_minutes")
+    over = f" (over the {budget:g}-minute budget)" if budget and metrics["wall_seconds"] > budget * 60 else ""
+    return "; ".join(parts) + f"; {metrics['wall_seconds']:.0f} s{over}"
 
 
 def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = DEMOS["full"], *,
@@ -191,20 +264,41 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
     base_meta = read_base_meta(base)
     t = lap("base", t)
 
+    scheduler = settings.scheduler or default_scheduler(cfg.model.prediction_type)
+    sampling = dict(steps=settings.steps, text_guidance=settings.text_guidance,
+                    image_guidance=settings.image_guidance, scheduler=scheduler, seed=settings.seed)
+    budget = settings.max_minutes * 60 if settings.max_minutes else None
+    plan: dict[str, Any] = {}
+    if budget:
+        # Evaluation and the sweep come after training: time an edit on this machine now (the base has the trained
+        # model's architecture) and leave them the time they will take.
+        sampling_args = {k: v for k, v in sampling.items() if k != "steps"}
+        cost = measure_edit_cost(load_editor(base, device=eval_device),
+                                 load_examples(data, split=SPLIT_NAMES["heldout_combinations"]),
+                                 batch_size=settings.batch_size, **sampling_args)
+        after = after_training_seconds(settings, cost)
+        minutes = training_minutes(budget, time.perf_counter() - started, after, cfg.train.max_minutes)
+        logger.info("time budget %g min: an edit costs %.3f s + %.3f s per step here, so evaluation and the sweep "
+                    "need about %.0f s; training may take %g min (config: %g)", settings.max_minutes, cost.fixed,
+                    cost.per_step, after, minutes, cfg.train.max_minutes)
+        cfg.train.max_minutes = minutes
+        plan = {"max_minutes": settings.max_minutes, "edit_seconds": {"fixed": round(cost.fixed, 5),
+                                                                      "per_step": round(cost.per_step, 5)},
+                "after_training_seconds": round(after, 1), "train_max_minutes": minutes}
+        t = lap("plan", t)
+
     logger.info("3/6 training (%s: %d steps of %d) -> %s", config_path, cfg.train.max_steps, cfg.train.batch_size,
                 out / "final")
     final = train(cfg)
     steps = read_ip2p_meta(final).get("ip2p_config", {}).get("step", cfg.train.max_steps)
     if steps < cfg.train.max_steps:
-        logger.warning("training stopped at step %d of %d: train.max_minutes=%g (this machine is slower than the "
+        why = f"the share of the {settings.max_minutes:g}-minute budget left for training; " if plan else ""
+        logger.warning("training stopped at step %d of %d: train.max_minutes=%g (%sthis machine is slower than the "
                        "one the demo was sized on); the numbers below are for %d steps", steps, cfg.train.max_steps,
-                       cfg.train.max_minutes, steps)
+                       cfg.train.max_minutes, why, steps)
     t = lap("train", t)
 
     model = load_editor(final, expand=False, device=eval_device)
-    scheduler = settings.scheduler or default_scheduler(model.scheduler.config.get("prediction_type"))
-    sampling = dict(steps=settings.steps, text_guidance=settings.text_guidance,
-                    image_guidance=settings.image_guidance, scheduler=scheduler, seed=settings.seed)
     logger.info("4/6 evaluating both test splits (%s)", sampling)
     metrics: dict[str, Any] = {}
     examples, outputs = {}, {}
@@ -228,8 +322,20 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
         save_image(Image.fromarray(example.source), inputs / f"{k}.png")
     t = lap("grid", t)
 
-    logger.info("6/6 guidance sweep on %d held-out-combination examples", settings.sweep_examples)
-    sweep_examples = examples["heldout_combinations"][: settings.sweep_examples]
+    n_sweep = settings.sweep_examples
+    if budget:
+        # The evaluation just measured today's speed with the trained model; the calibration gives the step split.
+        speed = timings["evaluate"] / max(cost.seconds(2 * settings.n_test, settings.steps), 1e-6)
+        per_example = speed * cost.seconds(sweep_settings(settings), settings.sweep_steps)
+        left = budget - (time.perf_counter() - started) - 5
+        n_sweep = sweep_size(left, per_example, settings.sweep_examples, settings.sweep_min_examples)
+        if n_sweep < settings.sweep_examples:
+            logger.warning("the sweep takes %d of its %d examples: %.0f s of the %g-minute budget are left and one "
+                           "example costs about %.1f s here", n_sweep, settings.sweep_examples, max(left, 0),
+                           settings.max_minutes, per_example)
+        plan["sweep_examples"] = n_sweep
+    logger.info("6/6 guidance sweep on %d held-out-combination examples", n_sweep)
+    sweep_examples = examples["heldout_combinations"][:n_sweep]
     sweep_sampling = dict(sampling, steps=settings.sweep_steps)
     rows = guidance_sweep(model, sweep_examples, image_scales=settings.image_scales,
                           text_scales=settings.text_scales, batch_size=settings.batch_size, progress=progress,
@@ -252,6 +358,7 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
                      "zero_terminal_snr": cfg.model.zero_terminal_snr},
         "timings": timings,
         "wall_seconds": round(time.perf_counter() - started, 1),
+        **({"budget": plan} if plan else {}),
         "files": {name: str(out / name) for name in
                   ("final", "final.safetensors", "grid.png", "inputs", "metrics.json", "sweep.png", "sweep.csv",
                    "sweep.json")},
@@ -297,11 +404,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="auto",
                         help="torch device for evaluation: auto (a GPU if PyTorch sees one, else the CPU), cpu, "
                              "cuda, ...")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="time budget of the whole run: training is shortened to leave evaluation and the sweep "
+                             "their measured time (default 15 for the full demo, none for --quick; 0: no budget)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads {args.threads} must be at least 1")
+    if args.max_minutes is not None and not (args.max_minutes >= 0 and math.isfinite(args.max_minutes)):
+        parser.error(f"--max-minutes {args.max_minutes:g} must be a number of minutes >= 0 (0: no budget)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
@@ -309,11 +421,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     name = "quick" if args.quick else "full"
+    settings = DEMOS[name]
+    if args.max_minutes is not None:
+        settings = dataclasses.replace(settings, max_minutes=args.max_minutes or None)
     output = args.output or ("runs/demo-quick" if args.quick else "runs/demo")
     from ip2p.config import ConfigError
 
     try:
-        run_demo(output, DEMOS[name], config=args.config, overrides=args.overrides, device=args.device)
+        run_demo(output, settings, config=args.config, overrides=args.overrides, device=args.device)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         logger.error("error: %s", error)
         return 2

@@ -79,6 +79,43 @@ def test_summary_line_says_when_training_stopped_at_the_time_budget(quick_run):
     assert "; trained 91 of 400 steps (stopped by train.max_minutes=10.5); " in demo._summary_line(metrics)
 
 
+def test_time_budget_plan_on_hand_made_costs():
+    full = demo.DEMOS["full"]
+    assert full.max_minutes == 15 and demo.sweep_settings(full) == 7 + 5 - 1  # (s_T 1.5, s_I 1.2) is edited once
+    cost = demo.EditCost(fixed=0.01, per_step=0.002)
+    assert cost.seconds(10, 5) == pytest.approx(0.2)
+    # Both splits (240 edits x 10 steps) and the sweep (24 examples x 11 settings x 6 steps), x 1.25, + 30 s.
+    assert demo.after_training_seconds(full, cost) == pytest.approx(1.25 * (240 * 0.03 + 24 * 11 * 0.022) + 30)
+    assert demo.training_minutes(900, 60, 300, cap=10.5) == 9.0  # what is left after evaluation and the sweep
+    assert demo.training_minutes(900, 60, 100, cap=10.5) == 10.5  # never longer than the config's own budget
+    assert demo.training_minutes(900, 60, 100, cap=0) == 12.33  # a config without one gets the time left
+    assert demo.training_minutes(900, 100, 1000, cap=10.5) == 1.0  # too slow a machine still trains a little
+    assert demo.sweep_size(100, 10, wanted=24, minimum=6) == 10
+    assert demo.sweep_size(1000, 10, wanted=24, minimum=6) == 24
+    assert demo.sweep_size(-5, 10, wanted=24, minimum=6) == 6
+    assert demo.sweep_size(0, 1, wanted=2, minimum=6) == 2
+
+
+def test_time_budget_shortens_training_and_the_sweep(tmp_path, caplog):
+    caplog.set_level("INFO")
+    out = tmp_path / "run"
+    # 3 seconds: far less than the quick run needs, so training gets the floor and the sweep its minimum.
+    assert demo.main(["--quick", "--output", str(out), "--max-minutes", "0.05"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    plan = metrics["budget"]
+    assert plan["max_minutes"] == 0.05 and plan["train_max_minutes"] == 1.0
+    assert plan["edit_seconds"]["per_step"] > 0 and plan["edit_seconds"]["fixed"] >= 0
+    assert metrics["training"]["max_minutes"] == 1.0  # what training ran under (demo-quick.yaml has no budget)
+    quick = demo.DEMOS["quick"]
+    assert plan["sweep_examples"] == metrics["sweep"]["examples"] == quick.sweep_min_examples < quick.sweep_examples
+    assert "plan" in metrics["timings"]
+    assert "the sweep takes 2 of its 6 examples" in caplog.text
+    assert demo._summary_line(metrics).endswith("(over the 0.05-minute budget)")
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--quick", "--output", str(out), "--max-minutes", "-1"])
+    assert exit_info.value.code == 2
+
+
 def test_ctrl_c_during_training_is_one_line_and_the_rerun_keeps_data_and_base(tmp_path, caplog, monkeypatch):
     from ip2p import training
 
