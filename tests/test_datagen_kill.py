@@ -200,3 +200,13 @@ def test_text_out_that_is_a_folder_is_named_as_such(tmp_path, caplog):
     captions.write_text("a red car\n")
     _fails(["text", "--model", str(tmp_path / "no-model"), "--captions", str(captions), "--out", str(tmp_path)],
            f"--out {str(tmp_path)!r} is a folder; pass the JSON-lines file to write", caplog)
+
+
+def test_filter_of_a_folder_that_is_not_an_images_stage_output_names_the_missing_columns(tmp_path, caplog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"original_prompt": ["a"], "edit_prompt": ["b"]}), tmp_path / "hub" / "data" / "a.parquet")
+    _fails(["filter", "--in", str(tmp_path / "hub"), "--out", str(tmp_path / "out"), "--quiet"],
+           "a.parquet lacks the columns input_image, edited_image, input_prompt", caplog)

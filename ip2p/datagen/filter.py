@@ -81,12 +81,17 @@ def filter_dataset(in_dir: str | os.PathLike, writer, scorer=None, config: Filte
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
-    from ip2p.datagen.writer import DATA_DIR, Pair, Sample
+    from ip2p.datagen.writer import COLUMNS, DATA_DIR, Pair, Sample
 
     files = sorted((Path(in_dir) / DATA_DIR).glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no parquet files in {Path(in_dir) / DATA_DIR}; pass the output folder of the "
                                 "images stage")
+    for path in files:  # before any work: another dataset's files would fail at their first row
+        missing = [name for name in COLUMNS if name not in pq.read_schema(path).names]
+        if missing:
+            raise ValueError(f"{path} lacks the columns {', '.join(missing)}; pass the output folder of the images "
+                             "stage (filter re-filters what `images --no-filter` wrote)")
     bar = tqdm(total=len(files), desc="filtering files", unit="file", disable=not progress)
     for path in files:
         table = pq.read_table(path)
