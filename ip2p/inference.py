@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import math
+import random
 import secrets
 import time
 from collections import Counter
@@ -38,6 +39,9 @@ from ip2p.sampling import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT = "timbrooks/instruct-pix2pix"
+RANDOM_TEXT_GUIDANCE = (6.0, 9.0)
+RANDOM_IMAGE_GUIDANCE = (1.2, 1.8)
+"""The ranges ``--randomize-cfg`` draws s_T and s_I from (uniformly, to two decimals), as the paper's web app does."""
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -72,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=img.DEFAULT_MAX_PIXELS,
                    help="refuse larger input images, and a --resolution that would make larger ones")
     p.add_argument("--num-images", type=int, default=1, help="outputs per input and instruction (default: 1)")
+    p.add_argument("--randomize-cfg", action="store_true",
+                   help="give each output its own s_T in %g..%g and s_I in %g..%g (drawn from --seed, as the paper's "
+                        "app does; each output is then seed, seed+1, ...), instead of --text-guidance and "
+                        "--image-guidance; its sidecar records them" % (*RANDOM_TEXT_GUIDANCE, *RANDOM_IMAGE_GUIDANCE))
     p.add_argument("--sweep", action="store_true",
                    help="render a labelled grid over --sweep-text x --sweep-image (the paper's Fig. 4) instead")
     p.add_argument("--sweep-text", default="3,5,7.5,10", help="comma-separated s_T values for --sweep")
@@ -230,6 +238,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} {value} must be a finite number, e.g. {flag} 1.5")
     if args.seed is not None and not 0 <= args.seed < 2**64:
         raise ValueError(f"--seed {args.seed} must be between 0 and 2**64 - 1")
+    if args.randomize_cfg and args.sweep:
+        raise ValueError("--randomize-cfg and --sweep both choose the guidance scales; pass one of them")
     paths = img.expand_image_paths(args.image)
     instructions = read_instructions(args)
     sweep_text = parse_scales(args.sweep_text, "--sweep-text") if args.sweep else []
@@ -263,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
     settings = dict(checkpoint=str(args.checkpoint), steps=args.steps, scheduler=args.scheduler, seed=seed,
                     resolution=args.resolution, multiple=multiple, dtype=str(dtype).removeprefix("torch."),
                     scale_source_latent=model.scale_source_latent, ip2p_version=ip2p.__version__)
+    draws = random.Random(seed)  # --randomize-cfg's scales: the same command draws the same ones
     progress = tqdm(jobs, desc="images", disable=args.quiet or len(jobs) == 1)
     unreadable: dict[Path, str] = {}  # a bad input among several is skipped, so the others' edits are still made
     for job in progress:
@@ -279,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         batch = img.images_to_batch([resized])
 
-        def run_edit(s_t: float, s_i: float, n: int) -> list:
+        def run_edit(s_t: float, s_i: float, n: int, seed: int = seed) -> list:
             started = time.perf_counter()
             out = edit(model, batch, [job.instruction], steps=args.steps, text_guidance=s_t, image_guidance=s_i,
                        generator=torch.Generator().manual_seed(seed), num_images_per_input=n, scheduler=scheduler,
@@ -297,6 +308,18 @@ def run(args: argparse.Namespace) -> int:
             grid = img.make_grid(rows, row_labels=[f"s_T={v:g}" for v in sweep_text],
                                  col_labels=[f"s_I={v:g}" for v in sweep_image], title=job.instruction)
             _write(grid, job.outputs[0], dict(record, sweep_text=sweep_text, sweep_image=sweep_image))
+            continue
+        if args.randomize_cfg:
+            # One edit per output, each with its own scales and seed, so that each sidecar reproduces its image with
+            # a plain run (--seed, --text-guidance, --image-guidance as recorded).
+            for k, out_path in enumerate(job.outputs):
+                s_t = round(draws.uniform(*RANDOM_TEXT_GUIDANCE), 2)
+                s_i = round(draws.uniform(*RANDOM_IMAGE_GUIDANCE), 2)
+                output_seed = (seed + k) % 2**64
+                logger.info("%s: s_T=%g, s_I=%g, seed %d", out_path, s_t, s_i, output_seed)
+                _write(run_edit(s_t, s_i, 1, output_seed)[0], out_path,
+                       dict(record, seed=output_seed, text_guidance=s_t, image_guidance=s_i, randomize_cfg=True,
+                            num_images=1, index=0))
             continue
         for k, (result, out_path) in enumerate(zip(run_edit(args.text_guidance, args.image_guidance,
                                                             args.num_images), job.outputs)):

@@ -71,6 +71,35 @@ def test_infer_sweep_writes_a_grid(tiny_editor_dir, photo, tmp_path):
     assert record["sweep_text"] == [1.0, 7.5] and record["sweep_image"] == [1.0, 1.5, 2.0]
 
 
+def test_infer_randomize_cfg_gives_each_output_scales_its_sidecar_reproduces(tiny_editor_dir, photo, tmp_path):
+    common = ["--checkpoint", str(tiny_editor_dir), "--image", str(photo), "--instruction", "make it winter",
+              "--steps", "2", "--resolution", "32", "--quiet"]
+    folder = tmp_path / "random"
+    assert infer.main(common + ["--output", str(folder), "--seed", "5", "--num-images", "3", "--randomize-cfg"]) == 0
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    assert len(records) == 3 and [r["seed"] for r in records] == [5, 6, 7] and all(r["randomize_cfg"] for r in records)
+    assert all(6.0 <= r["text_guidance"] <= 9.0 and 1.2 <= r["image_guidance"] <= 1.8 for r in records)
+    assert len({(r["text_guidance"], r["image_guidance"]) for r in records}) == 3
+    # A plain run with an output's recorded seed and scales makes exactly its image.
+    first = sorted(folder.glob("*.png"))[1]
+    record = json.loads(first.with_suffix(".json").read_text())
+    again = tmp_path / "again.png"
+    assert infer.main(common + ["--output", str(again), "--seed", str(record["seed"]), "--text-guidance",
+                                str(record["text_guidance"]), "--image-guidance", str(record["image_guidance"])]) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(first)))
+    # The same command draws the same scales.
+    folder2 = tmp_path / "random2"
+    assert infer.main(common + ["--output", str(folder2), "--seed", "5", "--num-images", "3", "--randomize-cfg"]) == 0
+    assert [json.loads(p.read_text())["text_guidance"] for p in sorted(folder2.glob("*.json"))] == \
+        [r["text_guidance"] for r in records]
+
+
+def test_infer_randomize_cfg_with_sweep_is_a_one_line_error(photo, tmp_path, caplog):
+    assert infer.main(["--image", str(photo), "--instruction", "x", "--output", str(tmp_path / "o.png"), "--sweep",
+                       "--randomize-cfg"]) == 2
+    assert "--randomize-cfg and --sweep both choose the guidance scales" in caplog.text
+
+
 def test_infer_reads_a_single_file_checkpoint(tiny_sd_editor_dir, photo, tmp_path):
     model = load_editor(tiny_sd_editor_dir, expand=False)
     single = save_single_file(model, tmp_path / "model.safetensors")
