@@ -272,6 +272,8 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
     if budget:
         # Evaluation and the sweep come after training: time an edit on this machine now (the base has the trained
         # model's architecture) and leave them the time they will take.
+        logger.info("timing edits on this machine with the base model, to fit the %g-minute budget",
+                    settings.max_minutes)
         sampling_args = {k: v for k, v in sampling.items() if k != "steps"}
         cost = measure_edit_cost(load_editor(base, device=eval_device),
                                  load_examples(data, split=SPLIT_NAMES["heldout_combinations"]),
