@@ -390,8 +390,14 @@ def test_writer_resumed_with_another_shard_count_drops_the_killed_shards_uncommi
     writer._rows = _samples(pairs[3], 1)
     orphan = out / "data" / "train-00001-of-00002-00001.parquet"
     atomic.write_bytes(orphan, writer._parquet_bytes(writer._rows))
+    # Hub-style names (hash suffix) are not the writer's, even with its shard tag: never deleted.
+    foreign = [out / "data" / f"train-00000-of-0000{n}-57cebf95b4a9170c.parquet" for n in (1, 2)]
+    for path in foreign:
+        path.write_bytes(b"")
     resumed = DatasetWriter(out, rows_per_file=1)  # the rest is done by one process
-    assert resumed.done_ids == {0, 1} and not orphan.exists()
+    assert resumed.done_ids == {0, 1} and not orphan.exists() and all(path.exists() for path in foreign)
+    for path in foreign:
+        path.unlink()
     for pair in pairs[2:]:
         resumed.add_pair(pair, _samples(pair, 1), tried=1)
     resumed.close()

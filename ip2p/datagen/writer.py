@@ -168,17 +168,23 @@ class DatasetWriter:
         return manifest
 
     def _clean_orphans(self) -> None:
-        """Delete the parquet files (and temporary files) no manifest lists, of this shard and of any shard of another
-        shard count: a run resumed with other ``--num-shards`` redoes the pairs of such a file, which would otherwise
-        be in the dataset twice. Files of the other shards of this run are theirs to clean (they may be running)."""
+        """Delete the parquet files (and temporary files) no manifest lists, of this shard and of the shards of any
+        other shard count that wrote a manifest here: a run resumed with other ``--num-shards`` redoes the pairs of
+        such a file, which would otherwise be in the dataset twice. Files of the other shards of this run are theirs to
+        clean (they may be running); files named otherwise (a hub download's ``train-00000-of-00002-<hash>``) are not
+        ours."""
         data = self.out / DATA_DIR
         if not data.is_dir():
             return
-        listed = {name for manifest in read_manifests(self.out) for name in manifest.get("files", [])}
+        manifests = read_manifests(self.out)
+        listed = {name for manifest in manifests for name in manifest.get("files", [])}
+        counts = {manifest.get("shard", [0, 0])[1] for manifest in manifests} - {self.shard.count}
         for path in data.iterdir():
-            tag = re.match(r"\.?train-(\d+)-of-(\d+)-", path.name)
-            ours = tag is not None and (int(tag.group(1)), int(tag.group(2))) == (self.shard.index, self.shard.count)
-            if tag is not None and (ours or int(tag.group(2)) != self.shard.count) and path.name not in listed:
+            name = re.fullmatch(r"\.?train-(\d{5})-of-(\d{5})-\d{5}\.parquet(\.tmp-.*)?", path.name)
+            if name is None or path.name in listed:
+                continue
+            index, count = int(name.group(1)), int(name.group(2))
+            if (index, count) == (self.shard.index, self.shard.count) or count in counts:
                 logger.info("removing %s: written after the last commit of an interrupted run", path)
                 path.unlink()
 
