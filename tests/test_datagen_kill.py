@@ -210,3 +210,18 @@ def test_filter_of_a_folder_that_is_not_an_images_stage_output_names_the_missing
     pq.write_table(pa.table({"original_prompt": ["a"], "edit_prompt": ["b"]}), tmp_path / "hub" / "data" / "a.parquet")
     _fails(["filter", "--in", str(tmp_path / "hub"), "--out", str(tmp_path / "out"), "--quiet"],
            "a.parquet lacks the columns input_image, edited_image, input_prompt", caplog)
+
+
+def test_a_broken_manifest_or_progress_file_is_named_with_the_fix(tmp_path):
+    from ip2p.datagen.text import Completion, run_text_stage
+    from ip2p.datagen.writer import DatasetWriter
+
+    (tmp_path / "ds" / "_progress").mkdir(parents=True)
+    (tmp_path / "ds" / "_progress" / "00000-of-00001.json").write_text("")  # e.g. a disk that failed
+    with pytest.raises(ValueError, match=r"00000-of-00001.json is not valid JSON .*; restore it or delete it"):
+        DatasetWriter(tmp_path / "ds")
+    out = tmp_path / "prompts.jsonl"
+    out.write_text("")
+    (tmp_path / "prompts.jsonl.progress.json").write_text('{"done": 1')
+    with pytest.raises(ValueError, match=r"progress.json is not valid JSON .*; restore it, or delete it and prompts"):
+        run_text_stage(["a red car"], out, lambda prompts, seed: [Completion("x")] * len(prompts), progress=False)

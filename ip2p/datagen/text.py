@@ -358,7 +358,11 @@ def run_text_stage(captions: Sequence[str], out_path: str | os.PathLike, generat
     progress_file = _progress_path(out)
     state = {"done": 0, "bytes": 0, "kept": 0, "dropped": {}, "shard": [shard.index, shard.count]}
     if progress_file.is_file():
-        state = json.loads(progress_file.read_text())
+        try:
+            state = json.loads(progress_file.read_text())
+        except json.JSONDecodeError as e:  # replaced atomically: edited by hand, or the disk failed
+            raise ValueError(f"{progress_file} is not valid JSON ({e}); restore it, or delete it and {out.name} to "
+                             "start over") from None
         if state.get("shard") != [shard.index, shard.count]:
             raise ValueError(f"{out} was written as shard {state.get('shard')} but this run is shard "
                              f"{[shard.index, shard.count]}; use the same --num-shards/--shard-index or a new --out")

@@ -109,14 +109,15 @@ def _schema():
 def read_manifests(out_dir: str | os.PathLike) -> list[dict]:
     """Every shard manifest under ``out_dir/_progress`` (any shard count), for the done set and seeds.json."""
     folder = Path(out_dir) / PROGRESS_DIR
-    manifests = []
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            manifests.append(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
-            # Manifests are replaced atomically, so a broken one was edited by hand or the disk failed.
-            raise ValueError(f"{path} is not valid JSON ({e}); restore it or delete it to redo its pairs") from e
-    return manifests
+    return [_read_manifest(path) for path in (sorted(folder.glob("*.json")) if folder.is_dir() else [])]
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        # Manifests are replaced atomically, so a broken one was edited by hand or the disk failed.
+        raise ValueError(f"{path} is not valid JSON ({e}); restore it or delete it to redo its pairs") from None
 
 
 class DatasetWriter:
@@ -157,7 +158,7 @@ class DatasetWriter:
         if not self.manifest_path.is_file():
             self._clean_orphans()
             return fresh
-        manifest = json.loads(self.manifest_path.read_text())
+        manifest = _read_manifest(self.manifest_path)
         if manifest.get("settings") != self.settings:
             old, new = manifest.get("settings", {}), self.settings
             diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
