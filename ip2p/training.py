@@ -485,8 +485,10 @@ class Trainer:
         path = self._cache_path(record)
         if path.is_file():
             try:
-                t = load_file(str(path), device=str(self.accelerator.device))
-                self.latent_cache[record] = (t["source"], t["mean"], t["std"])
+                # Read on the CPU: safetensors refuses device names torch uses, e.g. "cpu:1" under torchrun on CPUs.
+                t = load_file(str(path))
+                device = self.accelerator.device
+                self.latent_cache[record] = (t["source"].to(device), t["mean"].to(device), t["std"].to(device))
             except Exception as e:  # a torn or foreign file: encode again, never crash the run
                 logger.warning("ignoring unreadable latent cache file %s (%s)", path, e)
 

@@ -496,6 +496,19 @@ def test_latent_cache_skips_the_vae_and_changes_nothing(tmp_path, monkeypatch):
         load_config(None, ["data.cache=text+latents"])
 
 
+def test_latent_cache_files_load_on_a_multi_process_cpu_device(tmp_path, data_dir, monkeypatch, caplog):
+    # torchrun on CPUs puts process i on torch.device("cpu", i), a name safetensors refuses to load to: every cached
+    # file was then "unreadable" and encoded again.
+    fixed = ("data.random_crop=false", "data.random_flip=false", "data.random_resize=[16,16]")
+    trainer = Trainer(load_config(None, overrides(tmp_path / "run", data_dir, *fixed, "data.cache=text+latents")))
+    entry = tuple(torch.randn(4, 8, 8) for _ in range(3))
+    trainer._store_cached(3, entry)
+    monkeypatch.setattr(type(trainer.accelerator), "device", property(lambda self: torch.device("cpu", 1)))
+    trainer._load_cached(3)
+    assert "unreadable" not in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(trainer.latent_cache[3], entry))
+
+
 def test_cached_records_are_not_decoded_again_and_training_is_unchanged(tmp_path, monkeypatch):
     from ip2p.data import batches as batches_mod
     from ip2p.synthetic import write_dataset
