@@ -1,6 +1,7 @@
 """Data generation under SIGKILL and bad input: a kill never corrupts what is written, bad input gets one clear line."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -225,3 +226,41 @@ def test_a_broken_manifest_or_progress_file_is_named_with_the_fix(tmp_path):
     (tmp_path / "prompts.jsonl.progress.json").write_text('{"done": 1')
     with pytest.raises(ValueError, match=r"progress.json is not valid JSON .*; restore it, or delete it and prompts"):
         run_text_stage(["a red car"], out, lambda prompts, seed: [Completion("x")] * len(prompts), progress=False)
+
+
+# -- images ------------------------------------------------------------------------------------------------------------
+def _dataset(out: Path) -> tuple[list[tuple], dict[str, bytes]]:
+    """The parquet rows (sorted) and every other file of a dataset folder but its manifests, for comparisons."""
+    import pyarrow.parquet as pq
+
+    def value(v):  # image bytes; NaN (unscored) made comparable
+        return v["bytes"] if isinstance(v, dict) else "nan" if isinstance(v, float) and math.isnan(v) else v
+
+    rows = sorted(tuple((k, value(v)) for k, v in row.items()) for row in pq.read_table(out / "data").to_pylist())
+    files = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*")
+             if p.is_file() and p.relative_to(out).parts[0] not in ("data", "_progress")}
+    return rows, files
+
+
+def test_images_killed_at_each_commit_step_resume_to_the_uninterrupted_dataset(tmp_path):
+    from ip2p.data import open_records
+    from ip2p.datagen import cli
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"input": f"a photo of thing {i}", "edit": f"make it {i}",
+                                           "output": f"a painting of thing {i}"}) + "\n" for i in range(3)))
+    args = ["images", "--model", "tiny", "--prompts", str(prompts), "--no-filter", "--samples-per-pair", "1",
+            "--rows-per-file", "1", "--format", "both", *SMALL]
+    assert cli.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    whole = _dataset(tmp_path / "whole")
+    assert len(whole[0]) == 3 and len(json.loads(whole[1]["seeds.json"])) == 3
+    kills = [("ip2p.atomic.fsync_file", 3),  # the second parquet file written to its temporary name, not renamed
+             ("ip2p.atomic.write_json", 2),  # the second parquet file in place, the manifest not yet updated
+             ("ip2p.datagen.writer._jpeg", 4)]  # in the middle of the second pair's seeds-layout folder
+    for at, n in kills:
+        out = tmp_path / f"{at}-{n}"
+        _killed([*args, "--out", str(out)], at, n)
+        assert cli.main([*args, "--out", str(out)]) == 0
+        assert _dataset(out) == whole, at
+        assert not [p for p in (out / "data").iterdir() if not p.name.endswith(".parquet")]  # no temporary file
+        assert open_records(out / "data", cache_dir=tmp_path / "cache").count() == 3  # what train.py reads
