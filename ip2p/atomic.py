@@ -27,8 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["chmod_tree", "fsync_file", "fsync_tree", "output_folder", "remove_stale", "sibling", "swap_in",
-           "write_bytes", "write_json", "write_text", "writing_file", "writing_folder"]
+__all__ = ["chmod_tree", "fsync_file", "fsync_tree", "output_folder", "remove_stale", "remove_stale_under", "sibling",
+           "swap_in", "write_bytes", "write_json", "write_text", "writing_file", "writing_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,20 @@ def remove_stale(path: str | os.PathLike) -> None:
         for found in restorable:
             if found != newest:
                 _delete(found)
+
+
+def remove_stale_under(folder: str | os.PathLike) -> None:
+    """:func:`remove_stale` for every target anywhere under ``folder`` that a killed writer left a sibling of.
+
+    For folders of many files written with ``writing_file(clean=False)``: one sweep (e.g. when a run starts) instead
+    of a folder listing at each write.
+    """
+    targets = set()
+    for kind in _KINDS:
+        for found in Path(folder).rglob(f".*.{kind}-*"):
+            targets.add(found.parent / found.name[1:].rsplit(f".{kind}-", 1)[0])
+    for target in sorted(targets):
+        remove_stale(target)
 
 
 def fsync_file(path: str | os.PathLike) -> None:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import ip2p
 from ip2p import config as cfgmod
-from ip2p.atomic import chmod_tree, fsync_tree, remove_stale, swap_in
+from ip2p.atomic import chmod_tree, fsync_tree, remove_stale, remove_stale_under, swap_in, writing_file
 from ip2p.conditioning import (
     apply_dropout,
     dropout_masks,
@@ -465,7 +465,7 @@ class Trainer:
         rows = [self.latent_cache[r] if ok else (blank, blank, blank) for r, ok in zip(records, valid)]
         return tuple(torch.stack([row[k] for row in rows]) for k in range(3))
 
-    def _cache_path(self, record: int) -> Path:
+    def _cache_folder(self) -> Path:
         if self._cache_dir is None:
             d = self.cfg.data
             # A cache is only valid for the same data (its columns and, for a local dataset, its data files' names,
@@ -477,7 +477,10 @@ class Trainer:
 
             digest = hashlib.sha256(key.encode()).hexdigest()[:16]
             self._cache_dir = self.out / "cache" / f"latents-{digest}"
-        return self._cache_dir / f"{record // 10000:04d}" / f"{record}.safetensors"
+        return self._cache_dir
+
+    def _cache_path(self, record: int) -> Path:
+        return self._cache_folder() / f"{record // 10000:04d}" / f"{record}.safetensors"
 
     def _load_cached(self, record: int) -> None:
         from safetensors.torch import load_file
@@ -495,11 +498,9 @@ class Trainer:
     def _store_cached(self, record: int, entry: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        path = self._cache_path(record)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in zip(("source", "mean", "std"), entry)}, str(tmp))
-        os.replace(tmp, path)
+        # Up to 10,000 files a folder: what killed writes leave is swept once per run (run()), not at each write.
+        with writing_file(self._cache_path(record), clean=False) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in zip(("source", "mean", "std"), entry)}, str(tmp))
 
     # -- one micro-step --
     def micro_step(self, batch: dict) -> torch.Tensor:
@@ -750,6 +751,8 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         if self.is_main:
             recover_checkpoints(self.out)
+            if cfg.data.cache == "text+latents":
+                remove_stale_under(self._cache_folder())
         acc.wait_for_everyone()
         resume = resolve_resume(cfg.resume, cfg.output_dir)
         if resume is not None:

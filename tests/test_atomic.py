@@ -131,3 +131,24 @@ def test_a_writer_killed_midway_loses_nothing(tmp_path, kind):
             (tmp / "w").write_bytes(b"v3")
     assert (target if kind == "file" else target / "w").read_bytes() == b"v3"
     assert _siblings(target) == []
+
+
+def test_a_sweep_under_a_folder_removes_what_dead_writers_left_anywhere_in_it(tmp_path):
+    # Files written with clean=False (a latent cache: thousands per folder) are swept once, not at each write.
+    a, b = tmp_path / "0000" / "1.safetensors", tmp_path / "0001" / "7.safetensors"
+    for path in (a, b):
+        with atomic.writing_file(path, clean=False) as tmp:
+            tmp.write_bytes(b"v1")
+    dead = _left_by(_dead_pid(), a, "tmp")
+    dead.write_bytes(b"half")
+    orphan = _left_by(_dead_pid(), tmp_path / "0001" / "9.safetensors", "tmp")  # its target was never written
+    orphan.write_bytes(b"half")
+    live = _left_by(os.getpid(), b, "tmp")
+    live.write_bytes(b"being written")
+    moved_aside = _left_by(_dead_pid(), tmp_path / "0002" / "model", "old")
+    (moved_aside / "sub").mkdir(parents=True)
+    atomic.remove_stale_under(tmp_path)
+    assert _siblings(a) == [] and [p.name for p in (tmp_path / "0001").iterdir() if p.name.startswith(".")] == [
+        live.name]
+    assert (tmp_path / "0002" / "model" / "sub").is_dir()  # put back: its save was killed between the two renames
+    assert a.read_bytes() == b.read_bytes() == b"v1"

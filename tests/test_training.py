@@ -509,6 +509,39 @@ def test_latent_cache_files_load_on_a_multi_process_cpu_device(tmp_path, data_di
     assert all(torch.equal(a, b) for a, b in zip(trainer.latent_cache[3], entry))
 
 
+_KILL_DURING_CACHE_WRITE = """
+import os, signal, sys
+import safetensors.torch
+import train
+real = safetensors.torch.save_file
+written = []
+def save_file(tensors, filename, metadata=None):
+    real(tensors, filename, metadata=metadata)
+    if "/cache/latents-" in str(filename):
+        written.append(filename)
+        if len(written) == 3:  # the third latent is written, not yet under its name: die here
+            os.kill(os.getpid(), signal.SIGKILL)
+safetensors.torch.save_file = save_file
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_kill_while_writing_the_latent_cache_leaves_whole_files_and_no_litter(tmp_path, data_dir):
+    out = tmp_path / "cached"
+    args = overrides(out, data_dir, "data.random_crop=false", "data.random_flip=false", "data.random_resize=[16,16]",
+                     "data.cache=text+latents", "train.max_steps=1", "train.checkpoint_every=0")
+    proc = subprocess.run([sys.executable, "-c", _KILL_DURING_CACHE_WRITE, *args], env=_env(), cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    files = sorted(p for p in (out / "cache").rglob("*") if p.is_file())
+    assert [p.name.startswith(".") for p in files].count(True) == 1  # the killed write's, under no final name
+    assert all(load_file(p) for p in files if not p.name.startswith("."))
+    # The next run sweeps it away (thousands of cache files a folder: not at each write) and fills the cache.
+    assert train.main(args) == 0
+    files = [p.name for p in (out / "cache").rglob("*") if p.is_file()]
+    assert len(files) == 4 and not [name for name in files if name.startswith(".")], files
+
+
 def test_cached_records_are_not_decoded_again_and_training_is_unchanged(tmp_path, monkeypatch):
     from ip2p.data import batches as batches_mod
     from ip2p.synthetic import write_dataset
