@@ -207,6 +207,30 @@ def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
     return path
 
 
+def damaged_file(folder: str | os.PathLike) -> Path | None:
+    """The first file of checkpoint ``folder`` that a torn write (a copy or a disk that stopped halfway) left
+    unreadable, by cheap checks of each file's structure: a safetensors header that does not cover the file, a torch
+    zip archive without its directory, JSON that does not parse. None if each looks whole."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    for path in sorted(Path(folder).iterdir()):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt"):
+                    pass
+            elif path.suffix in (".bin", ".pkl"):
+                with open(path, "rb") as handle:
+                    if handle.read(4) in (b"PK\x03\x04", b""):  # torch.save's zip format; empty is torn too
+                        zipfile.ZipFile(path).close()
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except Exception:  # each library raises its own type for a torn file
+            return path
+    return None
+
+
 # Settings whose change makes a checkpoint's state unloadable (other shapes, other optimizer state).
 _STATE_SHAPING = ("model.pretrained", "model.config_dir", "train.optimizer")
 
@@ -632,8 +656,11 @@ class Trainer:
                 raise cfgmod.ConfigError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {reason}): it was "
                                          f"saved with {', '.join(changed)}; resume with the same settings, or "
                                          "start a new output_dir") from e
-            raise ValueError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {reason}); resume from "
-                             f"another one, e.g. resume=<an older {checkpoint_dir(self.out)}/step-NNNNNN>") from e
+            torn = damaged_file(path)
+            what = f": {torn.name} is damaged" if torn is not None else ""
+            raise ValueError(f"checkpoint {path} cannot be loaded{what} ({type(e).__name__}: {reason}); resume from "
+                             f"an older one (resume=<{checkpoint_dir(self.out)}/step-NNNNNN>, or resume=latest, which "
+                             "skips damaged ones), or move it aside to start over") from e
         self.global_step = self.saved_step = step
         self.samples_seen = int(state.get("samples_seen", 0))
         self.bad_records = int(state.get("bad_records", 0))

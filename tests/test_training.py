@@ -653,6 +653,21 @@ def test_damaged_checkpoint_is_a_clear_error_and_latest_falls_back(tmp_path, dat
     assert load_file(newest / "model.safetensors") and not list((out / "checkpoints").glob(".*"))
 
 
+@pytest.mark.parametrize("name", ["optimizer.bin", "model.safetensors"])
+def test_a_truncated_checkpoint_file_is_named_with_the_fix(tmp_path, data_dir, caplog, name):
+    out = tmp_path / "run"
+    assert train.main(overrides(out, data_dir, "train.max_steps=1")) == 0
+    folder = list_checkpoints(out)[-1][1]
+    torn = folder / name
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])  # a copy or a disk that stopped halfway
+    caplog.clear()
+    assert train.main(overrides(out, data_dir, "train.max_steps=2", f"resume={folder}")) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0] and "Traceback" not in caplog.text
+    assert f"checkpoint {folder} cannot be loaded: {name} is damaged" in errors[0]
+    assert "resume=latest" in errors[0] and "move it aside" in errors[0]
+
+
 def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path, data_dir):
     out = tmp_path / "run"
     assert train.main(overrides(out, data_dir, "train.checkpoint_every=2", "train.max_steps=4",
