@@ -420,6 +420,9 @@ def test_cli_bad_out_device_and_non_finite_settings_fail_before_any_model(tmp_pa
         (["finetune-lm", "--model", missing, "--out", str(a_file)], "--out '" + str(a_file) + "' is a file"),
         (["finetune-lm", "--model", missing, "--out", str(tmp_path / "o"), "--device", "banana"],
          "--device 'banana' is not a device name"),
+        # A device this machine lacks (moving a loaded model there raised a traceback).
+        (["text", "--model", missing, "--captions", str(a_file), "--out", str(tmp_path / "p.jsonl"), "--device",
+          "cuda:7"], "--device cuda:7: PyTorch sees"),
         (["text", "--model", missing, "--captions", str(a_file), "--out", str(a_file / "p.jsonl")],
          "the folder of --out"),
         (["filter", "--in", str(tmp_path), "--out", str(a_file)], "is a file"),
