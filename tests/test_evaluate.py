@@ -201,6 +201,11 @@ def test_cli_bad_inputs_fail_in_one_line_before_any_edit(tiny_editor_dir, datase
     monkeypatch.setattr(sampling, "edit", no_edit)
     a_file = tmp_path / "a-file"
     a_file.write_text("keep me")
+    from safetensors.torch import load_file, save_file
+
+    half_clip = tiny.save_tiny_clip(tmp_path / "half-clip")  # a CLIP folder whose weights lack the vision tower
+    weights = load_file(half_clip / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("vision_model.")}, half_clip / "model.safetensors")
     common = ["--checkpoint", str(tiny_editor_dir), "--data", str(dataset), "--limit", "1", "--steps", "1"]
     cases = [
         (["--output", str(a_file)], "is a file; pass a folder"),
@@ -209,6 +214,10 @@ def test_cli_bad_inputs_fail_in_one_line_before_any_edit(tiny_editor_dir, datase
         (["--output", str(tmp_path / "o"), "--sweep", "--image-scales", "1,inf"],
          "--image-scales 1.0,inf must be finite"),
         (["--output", str(tmp_path / "o"), "--clip", str(dataset)], "could not be loaded"),
+        # A CLIP text encoder alone (or any other model) loaded as CLIPModel with random weights and scored nonsense.
+        (["--output", str(tmp_path / "o"), "--clip", str(tiny_editor_dir / "text_encoder")],
+         "is a clip_text_model model, not a CLIP (text and image) model"),
+        (["--output", str(tmp_path / "o"), "--clip", str(half_clip)], "lacks"),
         (["--output", str(tmp_path / "o"), "--sweep", "--sweep-limit", "0"], "--sweep-limit 0 must be at least 1"),
         (["--output", str(tmp_path / "o"), "--split", "nope"], "split='nope' is not in"),
     ]

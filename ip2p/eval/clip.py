@@ -110,15 +110,28 @@ class ClipScorer:
                  batch_size: int = 64) -> None:
         from transformers import CLIPModel, CLIPTokenizer
 
+        from transformers import AutoConfig
+
         source = str(model_path_or_id)
+        fix = "pass a folder with a CLIPModel and its tokenizer, or a hub id available offline (e.g. " \
+              "openai/clip-vit-large-patch14)"
         try:
-            self.model = CLIPModel.from_pretrained(source).eval().requires_grad_(False)
+            kind = getattr(AutoConfig.from_pretrained(source), "model_type", None)
+        except (OSError, ValueError) as e:  # no config.json, or one without a model_type
+            raise FileNotFoundError(f"clip model {source!r} could not be loaded ({type(e).__name__}); {fix}") from e
+        try:
+            if kind != "clip":
+                # CLIPModel would load it anyway, with random weights for every tensor it lacks, and score nonsense.
+                raise ValueError(f"clip model {source!r} is a {kind or 'non-CLIP'} model, not a CLIP (text and "
+                                 f"image) model; {fix}")
+            model, info = CLIPModel.from_pretrained(source, output_loading_info=True)
+            if info.get("missing_keys"):
+                raise ValueError(f"clip model {source!r} lacks {len(info['missing_keys'])} of CLIP's weights (e.g. "
+                                 f"{sorted(info['missing_keys'])[0]}); {fix}")
+            self.model = model.eval().requires_grad_(False)
             self.tokenizer = CLIPTokenizer.from_pretrained(source)
         except OSError as e:
-            raise FileNotFoundError(
-                f"clip model {source!r} could not be loaded ({type(e).__name__}); pass a folder with a CLIPModel "
-                "and its tokenizer, or a hub id available offline (e.g. openai/clip-vit-large-patch14)"
-            ) from e
+            raise FileNotFoundError(f"clip model {source!r} could not be loaded ({type(e).__name__}); {fix}") from e
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.model.to(self.device)
         self.batch_size = batch_size
