@@ -9,12 +9,14 @@ training share one definition of "an RGB image in [-1, 1]" (the same numbers dif
 from __future__ import annotations
 
 import glob
+import io
 import logging
 import math
 import os
 import pathlib
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +30,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "ImageError",
+    "decode_image",
     "expand_image_paths",
     "image_to_tensor",
     "images_to_batch",
@@ -71,8 +74,7 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
     Raises `FileNotFoundError` for a missing file and `ImageError` (naming the file) for anything that is
     not a usable image: unreadable, not an image, empty, truncated, or more than `max_pixels` pixels.
     """
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
-        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    _check_max_pixels(max_pixels)
     path = pathlib.Path(os.fspath(path))
     try:
         # We open the file ourselves so the handle is closed on every path, including PIL errors.
@@ -87,44 +89,62 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
     with handle:
         if os.fstat(handle.fileno()).st_size == 0:
             raise ImageError(f"'{path}' is empty (0 bytes); re-download or remove it", path=path)
-        try:
-            with Image.open(handle) as opened:
-                # Image.open only parses the header, so the size is known before any pixels are decoded.
-                width, height = opened.size
-                if width <= 0 or height <= 0:
-                    raise ImageError(f"'{path}' has zero size ({width}x{height}); remove it", path=path)
-                if width * height > max_pixels:
-                    raise ImageError(
-                        f"'{path}' is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}; "
-                        "downscale it or raise max_pixels",
-                        path=path,
-                    )
-                # Decode now so a truncated file fails here rather than later inside a resize or a batch.
-                opened.load()
-                try:
-                    upright = ImageOps.exif_transpose(opened)  # always a new image, independent of the file
-                except Exception as exc:  # a broken EXIF block should not cost us a good picture
-                    logger.warning("ignoring unreadable EXIF orientation in '%s': %s", path, _one_line(exc))
-                    upright = opened.copy()
-        except ImageError:
-            raise
-        except MemoryError:
-            raise
-        except Image.DecompressionBombError as exc:
-            raise ImageError(
-                f"'{path}' is too large to decode safely ({_one_line(exc)}); downscale it", path=path
-            ) from exc
-        except UnidentifiedImageError as exc:  # its message names a file object, not the path
-            raise ImageError(
-                f"'{path}' is not an image PIL can read; check it is a PNG/JPEG/WebP/BMP/TIFF image or remove it",
-                path=path,
-            ) from exc
-        except Exception as exc:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) for bad data
-            raise ImageError(
-                f"'{path}' is not a readable image ({_one_line(exc)}); check the file is a complete "
-                "PNG/JPEG/WebP/BMP/TIFF image or remove it",
-                path=path,
-            ) from exc
+        return _decode(handle, path, max_pixels)
+
+
+def decode_image(data: bytes, *, name: str = "the image", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """`load_image` for an image held in memory (an upload); errors name it `name`."""
+    _check_max_pixels(max_pixels)
+    if not data:
+        raise ImageError(f"'{name}' is empty (0 bytes); send an image file", path=name)
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _check_max_pixels(max_pixels: object) -> None:
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+
+
+def _decode(handle: Any, path: str | os.PathLike, max_pixels: int) -> Image.Image:
+    """Decode an open image file; every way it can be unusable is an `ImageError` naming `path`."""
+    try:
+        with Image.open(handle) as opened:
+            # Image.open only parses the header, so the size is known before any pixels are decoded.
+            width, height = opened.size
+            if width <= 0 or height <= 0:
+                raise ImageError(f"'{path}' has zero size ({width}x{height}); remove it", path=path)
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"'{path}' is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}; "
+                    "downscale it or raise max_pixels",
+                    path=path,
+                )
+            # Decode now so a truncated file fails here rather than later inside a resize or a batch.
+            opened.load()
+            try:
+                upright = ImageOps.exif_transpose(opened)  # always a new image, independent of the file
+            except Exception as exc:  # a broken EXIF block should not cost us a good picture
+                logger.warning("ignoring unreadable EXIF orientation in '%s': %s", path, _one_line(exc))
+                upright = opened.copy()
+    except ImageError:
+        raise
+    except MemoryError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(
+            f"'{path}' is too large to decode safely ({_one_line(exc)}); downscale it", path=path
+        ) from exc
+    except UnidentifiedImageError as exc:  # its message names a file object, not the path
+        raise ImageError(
+            f"'{path}' is not an image PIL can read; check it is a PNG/JPEG/WebP/BMP/TIFF image or remove it",
+            path=path,
+        ) from exc
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) for bad data
+        raise ImageError(
+            f"'{path}' is not a readable image ({_one_line(exc)}); check the file is a complete "
+            "PNG/JPEG/WebP/BMP/TIFF image or remove it",
+            path=path,
+        ) from exc
     try:
         return to_rgb(upright)
     except ValueError as exc:

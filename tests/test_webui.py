@@ -1,0 +1,140 @@
+"""The web UI (python -m ip2p.webui): its page, its JSON API against infer.py, and its errors."""
+
+import base64
+import io
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import infer
+from ip2p import webui
+from ip2p.models import load_editor
+
+
+@pytest.fixture(scope="module")
+def photo_bytes():
+    rng = np.random.default_rng(1)
+    buffer = io.BytesIO()
+    Image.fromarray((rng.random((24, 32, 3)) * 255).astype("uint8")).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_editor_dir):
+    model = load_editor(tiny_editor_dir, expand=False)
+    service = webui.EditorService(model, checkpoint=str(tiny_editor_dir), steps=2, resolution=32)
+    server = webui.make_server("127.0.0.1", 0, service)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def call(url, body=None, raw=None, headers=None):
+    """(status, parsed JSON or text) of a GET (no body) or a POST."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(url, data=data, headers=headers or {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, text, kind = response.status, response.read(), response.headers["Content-Type"]
+    except urllib.error.HTTPError as e:
+        status, text, kind = e.code, e.read(), e.headers["Content-Type"]
+    return status, json.loads(text) if kind == "application/json" else text.decode()
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def decode(url: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.partition(",")[2]))))
+
+
+def test_page_and_info(server, tiny_editor_dir):
+    status, page = call(server + "/")
+    assert status == 200 and "<form" in page and "/edit" in page and "Random CFG" in page
+    status, info = call(server + "/info")
+    assert status == 200 and info["checkpoint"] == str(tiny_editor_dir)
+    assert info["defaults"]["steps"] == 2 and info["random_text_guidance"] == [6.0, 9.0]
+
+
+def test_an_edit_is_the_picture_infer_py_makes_with_the_same_settings(server, tiny_editor_dir, photo_bytes,
+                                                                      tmp_path):
+    status, out = call(server + "/edit", {"image": data_url(photo_bytes), "instruction": "make it winter",
+                                          "steps": 3, "seed": 7, "text_guidance": 5, "image_guidance": 1.3})
+    assert status == 200, out
+    assert (out["seed"], out["steps"], out["text_guidance"], out["image_guidance"]) == (7, 3, 5.0, 1.3)
+    photo = tmp_path / "in.png"
+    photo.write_bytes(photo_bytes)
+    assert infer.main(["--checkpoint", str(tiny_editor_dir), "--image", str(photo), "--instruction",
+                       "make it winter", "--steps", "3", "--seed", "7", "--text-guidance", "5", "--image-guidance",
+                       "1.3", "--resolution", "32", "--output", str(tmp_path / "out.png"), "--quiet"]) == 0
+    assert np.array_equal(decode(out["image"]), np.asarray(Image.open(tmp_path / "out.png")))
+    assert out["size"] == [32, 24]
+
+
+def test_random_seed_and_cfg_are_reported(server, photo_bytes):
+    status, out = call(server + "/edit", {"image": data_url(photo_bytes), "instruction": "x", "seed": None,
+                                          "randomize_cfg": True})
+    assert status == 200, out
+    assert isinstance(out["seed"], int) and 6.0 <= out["text_guidance"] <= 9.0 and 1.2 <= out["image_guidance"] <= 1.8
+    # Plain base64 (no data URL prefix) is accepted too; the result can be sent back for a further edit.
+    status, again = call(server + "/edit", {"image": out["image"].partition(",")[2], "instruction": "x", "seed": 1})
+    assert status == 200 and decode(again["image"]).shape == (24, 32, 3)
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"instruction": "x"}, "image is missing"),
+    ({"image": "data:image/png;base64,@@@", "instruction": "x"}, "image is not valid base64"),
+    ({"image": base64.b64encode(b"not an image").decode(), "instruction": "x"},
+     "'the uploaded image' is not an image PIL can read"),
+    ({"image": "", "instruction": "x"}, "image is missing"),
+    ({"image": "IMAGE", "instruction": "  "}, "instruction is missing or empty"),
+    ({"image": "IMAGE", "instruction": "x", "steps": 0}, "steps=0 must be at least 1"),
+    ({"image": "IMAGE", "instruction": "x", "steps": 2.5}, "steps=2.5 must be an integer"),
+    ({"image": "IMAGE", "instruction": "x", "text_guidance": "high"}, "text_guidance='high' must be a number"),
+    ({"image": "IMAGE", "instruction": "x", "seed": -1}, "seed=-1 must be at least 0"),
+    ({"image": "IMAGE", "instruction": "x", "resolution": 1}, "resolution=1 is below"),
+    ({"image": "IMAGE", "instruction": "x", "resolution": 16000}, "over the limit of"),
+    (["not", "an", "object"], "must be a JSON object"),
+])
+def test_bad_requests_are_one_line_4xx_errors(server, photo_bytes, body, message):
+    if isinstance(body, dict) and body.get("image") == "IMAGE":
+        body = dict(body, image=data_url(photo_bytes))
+    status, out = call(server + "/edit", body)
+    assert status == 400 and message in out["error"] and "\n" not in out["error"], out
+
+
+def test_not_json_unknown_paths_and_oversized_requests(server, monkeypatch):
+    status, out = call(server + "/edit", raw=b"{nope")
+    assert status == 400 and "the request is not JSON" in out["error"]
+    assert call(server + "/nowhere")[0] == 404 and call(server + "/nowhere", {})[0] == 404
+    monkeypatch.setattr(webui, "MAX_REQUEST_BYTES", 10)
+    status, out = call(server + "/edit", {"image": "x" * 20, "instruction": "x"})
+    assert status == 413 and "over the limit of 10" in out["error"]
+
+
+def test_a_port_in_use_fails_before_the_model_loads(caplog, monkeypatch):
+    from ip2p import models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not load when the port cannot be used")
+
+    monkeypatch.setattr(models, "load_editor", no_load)
+    taken = webui.make_server("127.0.0.1", 0)
+    try:
+        assert webui.main(["--port", str(taken.server_address[1]), "--checkpoint", "nowhere"]) == 2
+    finally:
+        taken.server_close()
+    assert "cannot listen on 127.0.0.1:" in caplog.text and "pass another --port" in caplog.text
+
+
+def test_a_missing_checkpoint_is_a_one_line_error(tmp_path, caplog):
+    assert webui.main(["--port", "0", "--checkpoint", str(tmp_path / "missing")]) == 2
+    assert "error:" in caplog.text
