@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_datagen_support import one_thread  # noqa: F401 (autouse fixture)
 
 from ip2p import atomic
 from ip2p.datagen.config import FilterConfig, TextConfig
@@ -25,15 +26,6 @@ from ip2p.datagen.text import (
     select_captions,
 )
 from ip2p.datagen.writer import DatasetWriter, Pair, Sample
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two cores are shared with other jobs; more threads than cores makes tiny models orders of magnitude slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- text stage: format, parsing, filters ----------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -10,20 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_datagen_support import (  # noqa: F401 (one_thread: an autouse fixture)
+    REPO,
+    one_thread,
+    small,
+    subprocess_env,
+    write_prompts,
+)
 
 from ip2p import tiny
 
-REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--steps", "2", "--height", "16", "--width", "16", "--quiet"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two cores are shared with other jobs; more threads than cores makes tiny models orders of magnitude slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+SMALL = small(steps=2)
 
 
 def _datagen(args: list[str], *, kill_at: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
@@ -50,9 +46,8 @@ def killing(*args, **kwargs):
 setattr(owner, name, killing)
 """
     code += "from ip2p.datagen.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          check=False, timeout=300)
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=subprocess_env(), capture_output=True,
+                          text=True, check=False, timeout=300)
 
 
 def _killed(args: list[str], at: str, n: int = 1) -> None:
@@ -247,8 +242,7 @@ def test_images_killed_at_each_commit_step_resume_to_the_uninterrupted_dataset(t
     from ip2p.datagen import cli
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"input": f"a photo of thing {i}", "edit": f"make it {i}",
-                                           "output": f"a painting of thing {i}"}) + "\n" for i in range(3)))
+    write_prompts(prompts, 3)
     args = ["images", "--model", "tiny", "--prompts", str(prompts), "--no-filter", "--samples-per-pair", "1",
             "--rows-per-file", "1", "--format", "both", *SMALL]
     assert cli.main([*args, "--out", str(tmp_path / "whole")]) == 0

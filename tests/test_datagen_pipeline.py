@@ -1,28 +1,19 @@
 """Data generation with tiny models: Prompt-to-Prompt properties, the stages end to end, the command line."""
 
 import json
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_datagen_support import one_thread, small, write_prompts  # noqa: F401 (one_thread: an autouse fixture)
 
 from ip2p import tiny
 from ip2p.datagen import cli
 from ip2p.datagen.config import ImageConfig
 from ip2p.datagen.images import PairSampler, sample_params, sample_seeds
-from ip2p.datagen.p2p import SharedSelfAttnProcessor, P2PState, self_attention_sharing
+from ip2p.datagen.p2p import P2PState, SharedSelfAttnProcessor, self_attention_sharing
 
-SMALL = ["--steps", "3", "--height", "16", "--width", "16", "--quiet"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two cores are shared with other jobs; more threads than cores makes tiny models orders of magnitude slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+SMALL = small()
 
 
 def _components(sharp: bool = False) -> dict:
@@ -40,11 +31,6 @@ def _components(sharp: bool = False) -> dict:
                 module.to_k.weight.mul_(4)
                 module.to_out[0].weight.mul_(4)
     return components
-
-
-def _write_prompts(path: Path, n: int) -> None:
-    path.write_text("".join(json.dumps({"input": f"a photo of thing {i}", "edit": f"make it {i}",
-                                        "output": f"a painting of thing {i}"}) + "\n" for i in range(n)))
 
 
 # -- Prompt-to-Prompt -----------------------------------------------------------------------------------------------
@@ -191,7 +177,7 @@ def test_finetune_text_images_filter_write_and_train_end_to_end(tmp_path):
 def test_filter_command_refilters_scored_rows_and_scores_unscored_ones(tmp_path):
     clip = tiny.save_tiny_clip(tmp_path / "clip")
     prompts = tmp_path / "prompts.jsonl"
-    _write_prompts(prompts, 2)
+    write_prompts(prompts, 2)
     images = ["images", "--model", "tiny", "--prompts", str(prompts), "--no-filter", "--samples-per-pair", "3",
               "--batch-size", "3", *SMALL]
     loose = ["--min-image-sim", "-1", "--min-dir-sim", "-1", "--min-caption-sim", "-1", "--keep-top", "1", "--quiet"]

@@ -1,7 +1,6 @@
 """Data generation: resume after SIGKILL with no duplicate and no lost pair; two processes share the work."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,28 +9,23 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
-import torch
+from test_datagen_support import (  # noqa: F401 (one_thread: an autouse fixture)
+    REPO,
+    one_thread,
+    small,
+    subprocess_env,
+    write_prompts,
+)
 
 from ip2p.datagen import cli
 from ip2p.datagen.images import sample_seeds
 
-REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--steps", "3", "--height", "16", "--width", "16", "--quiet"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two cores are shared with other jobs; more threads than cores makes tiny models orders of magnitude slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+SMALL = small()
 
 
 def _run_subprocess(args, env_extra=None):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env_extra or {}))
-    return subprocess.Popen([sys.executable, "-m", "ip2p.datagen", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "ip2p.datagen", *args], cwd=REPO,
+                            env=subprocess_env(**(env_extra or {})),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -42,11 +36,6 @@ def _rows(out: Path) -> list[dict]:
     return rows
 
 
-def _write_prompts(path: Path, n: int) -> None:
-    path.write_text("".join(json.dumps({"input": f"a photo of thing {i}", "edit": f"make it {i}",
-                                        "output": f"a painting of thing {i}"}) + "\n" for i in range(n)))
-
-
 # -- resume --------------------------------------------------------------------------------------------
 def test_two_processes_one_killed_and_resumed_cover_every_pair_exactly_once(tmp_path):
     """Shard 0 runs in its own process (rank from RANK/WORLD_SIZE, as accelerate/torchrun set them) and is SIGKILLed
@@ -54,7 +43,7 @@ def test_two_processes_one_killed_and_resumed_cover_every_pair_exactly_once(tmp_
     dataset exactly once, with the seeds an uninterrupted run would have used."""
     prompts, out = tmp_path / "prompts.jsonl", tmp_path / "out"
     n_pairs = 16
-    _write_prompts(prompts, n_pairs)
+    write_prompts(prompts, n_pairs)
     args = ["images", "--model", "tiny", "--prompts", str(prompts), "--out", str(out), "--no-filter",
             "--samples-per-pair", "2", "--batch-size", "2", "--rows-per-file", "3", "--format", "both", *SMALL]
     manifest = out / "_progress" / "00000-of-00002.json"
