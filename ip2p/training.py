@@ -819,11 +819,11 @@ class Trainer:
         window: list[float] = []  # losses since the last log line: one batch's loss is too noisy to read
         with _Preemption() as preempt:
             while self.global_step < cfg.train.max_steps:
-                losses, valid = [], 0
+                losses, valid, bad = [], 0, 0
                 for _ in range(accum):
                     batch = next(loader)
                     # The data loader logs the first reasons and then counts; the total goes to the trackers.
-                    self.bad_records += int(batch["num_bad"])
+                    bad += int(batch["num_bad"])
                     valid += int(batch["valid"].sum())
                     losses.append(self.micro_step(batch))
                 if not seen_valid:
@@ -846,7 +846,11 @@ class Trainer:
                         view_epoch, view_size = epoch, len(self.latent_cache)
                         data = self._batches(self.global_step * accum, frozenset(self.latent_cache))
                         loader = iter(data)
-                loss = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
+                # Each process sees its slice of the batch: the run's loss is their mean, its bad records their sum.
+                local = torch.stack([torch.stack(losses).mean(), torch.tensor(float(bad), device=acc.device)])
+                totals = acc.reduce(local, reduction="sum")
+                loss, bad = (totals / totals.new_tensor([acc.num_processes, 1])).tolist()  # one device sync
+                self.bad_records += int(bad)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {self.global_step}; lower train.lr or use "
                                              "train.mixed_precision=bf16 instead of fp16")

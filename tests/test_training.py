@@ -637,6 +637,14 @@ def test_bad_records_are_skipped_counted_and_never_fatal(tmp_path):
     state = json.loads((list_checkpoints(out)[-1][1] / "ip2p_state.json").read_text())
     assert state["bad_records"] == 1  # 2 steps x 2 = one pass over 4 rows, one of them corrupt
     assert (out / "final" / "model_index.json").is_file()
+    # With 2 processes each sees half of every batch; the count is the run's, not the first process's share.
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(ROOT / "train.py"), *overrides(two, tmp_path / "bad", "train.max_steps=2", "train.batch_size=1",
+                                              "data.shuffle=false", "train.checkpoint_every=0")]
+    result = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((list_checkpoints(two)[-1][1] / "ip2p_state.json").read_text())["bad_records"] == 1
 
 
 def test_damaged_checkpoint_is_a_clear_error_and_latest_falls_back(tmp_path, data_dir, caplog):
