@@ -367,14 +367,22 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
     })
     metrics["infer_command"] = infer_command(final, inputs / "0.png", grid_rows[0][0].instruction, sampling,
                                              out / "my_edit.png") if grid_rows else None
+    metrics["webui_command"] = webui_command(final, sampling)
     write_json(metrics, out / "metrics.json")
     for name, path in metrics["files"].items():
         logger.info("%-17s %s%s", name, path, "" if Path(path).exists() else " (missing)")
     if metrics["infer_command"]:
         logger.info("edit with it (any instruction; the images in %s are held-out scenes): %s", inputs,
                     metrics["infer_command"])
+        logger.info("or in a browser: %s", metrics["webui_command"])
     logger.info("summary: %s", _summary_line(metrics))
     return metrics
+
+
+def _short(path: str | os.PathLike) -> str | None:
+    """``path`` relative to the working folder, if it is below it."""
+    relative = os.path.relpath(path)
+    return None if relative.startswith("..") else relative
 
 
 def infer_command(checkpoint: str | os.PathLike, image: str | os.PathLike, instruction: str,
@@ -383,19 +391,25 @@ def infer_command(checkpoint: str | os.PathLike, image: str | os.PathLike, instr
     infer.py's 512 px default, which suits Stable Diffusion) and the evaluation's sampler and guidance scales."""
     import shlex
 
-    def short(path: str | os.PathLike) -> str | None:  # relative to the working folder, if below it
-        relative = os.path.relpath(path)
-        return None if relative.startswith("..") else relative
-
     # This interpreter, short where it lives below the working folder (a project's .venv): run from elsewhere, a bare
     # `python` would be whichever one the shell finds, often one without torch.
-    python = (short(sys.executable) or sys.executable) if sys.executable else "python"
+    python = (_short(sys.executable) or sys.executable) if sys.executable else "python"
     script = CONFIGS.parent / "infer.py"
-    args = [python, short(script) or str(script), "--checkpoint", str(checkpoint), "--image", str(image),
+    args = [python, _short(script) or str(script), "--checkpoint", str(checkpoint), "--image", str(image),
             "--instruction", instruction, "--resolution", "0", "--steps", str(sampling["steps"]), "--scheduler",
             str(sampling["scheduler"]), "--text-guidance", f"{sampling['text_guidance']:g}", "--image-guidance",
             f"{sampling['image_guidance']:g}", "--seed", str(sampling["seed"]), "--output", str(output)]
     return shlex.join(args)
+
+
+def webui_command(checkpoint: str | os.PathLike, sampling: dict[str, Any]) -> str:
+    """The ``python -m ip2p.webui`` command that serves ``checkpoint`` with the evaluation's settings as defaults."""
+    import shlex
+
+    python = (_short(sys.executable) or sys.executable) if sys.executable else "python"
+    return shlex.join([python, "-m", "ip2p.webui", "--checkpoint", str(checkpoint), "--resolution", "0", "--steps",
+                       str(sampling["steps"]), "--scheduler", str(sampling["scheduler"]), "--text-guidance",
+                       f"{sampling['text_guidance']:g}", "--image-guidance", f"{sampling['image_guidance']:g}"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

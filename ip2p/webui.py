@@ -251,9 +251,9 @@ def make_server(host: str = "127.0.0.1", port: int = 7860, service: EditorServic
     return server
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     from ip2p.images import DEFAULT_MAX_PIXELS
-    from ip2p.inference import DEFAULT_CHECKPOINT, DTYPES, resolve_device
+    from ip2p.inference import DEFAULT_CHECKPOINT, DTYPES
     from ip2p.sampling import SCHEDULERS
 
     parser = argparse.ArgumentParser(prog="python -m ip2p.webui", description="A local web page for editing images.")
@@ -270,15 +270,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
                         help="sampler (default: as infer.py, by the model's prediction type)")
     parser.add_argument("--steps", type=int, default=None, help="the page's default steps (default: 50)")
+    parser.add_argument("--text-guidance", type=float, default=None, help="the page's default s_T (default: 7.5)")
+    parser.add_argument("--image-guidance", type=float, default=None, help="the page's default s_I (default: 1.5)")
     parser.add_argument("--resolution", type=int, default=512,
                         help="the page's default long side (0 keeps the input size; default: %(default)s)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ip2p.inference import DTYPES, resolve_device
+
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port} must be between 0 and 65535")
     if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
         parser.error(f"--steps {args.steps} must be between 1 and {MAX_STEPS}")
+    for flag, value in (("--text-guidance", args.text_guidance), ("--image-guidance", args.image_guidance)):
+        if value is not None and not math.isfinite(value):
+            parser.error(f"{flag} {value} must be a finite number")
     if args.resolution < 0 or args.max_pixels < 1:
         parser.error("--resolution must be >= 0 (0 keeps the input size) and --max-pixels >= 1")
     try:
@@ -300,7 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = load_editor(args.checkpoint, config_dir=args.config_dir, expand=False, torch_dtype=dtype,
                             device=device)
         server.service = EditorService(model, checkpoint=str(args.checkpoint), scheduler=args.scheduler,
-                                       steps=args.steps, resolution=args.resolution, max_pixels=args.max_pixels)
+                                       steps=args.steps, text_guidance=args.text_guidance,
+                                       image_guidance=args.image_guidance, resolution=args.resolution,
+                                       max_pixels=args.max_pixels)
     except (ValueError, FileNotFoundError) as e:
         server.server_close()
         logger.error("error: %s", e)

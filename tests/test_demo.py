@@ -45,6 +45,15 @@ def test_quick_demo_logs_an_infer_command_that_edits_a_held_out_input(quick_run)
     assert infer.main(args[2:] + ["--quiet"]) == 0
     edited = Image.open(quick_run / "my_edit.png")
     assert edited.size == Image.open(quick_run / "inputs" / "0.png").size == (64, 64)
+    # The browser page with the same settings as defaults.
+    from ip2p import webui
+
+    args = shlex.split(metrics["webui_command"])
+    assert args[1:3] == ["-m", "ip2p.webui"]
+    parsed = webui.build_parser().parse_args(args[3:])
+    assert parsed.checkpoint == str(quick_run / "final") and parsed.resolution == 0
+    assert (parsed.steps, parsed.scheduler) == (metrics["settings"]["steps"], metrics["settings"]["scheduler"])
+    assert parsed.text_guidance == metrics["settings"]["text_guidance"]
 
 
 def test_quick_demo_metrics_structure(quick_run):
