@@ -171,6 +171,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "ip2p-webui"
     protocol_version = "HTTP/1.1"
+    timeout = 120  # seconds a client may stall mid-request before its connection (and thread) is dropped
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         logger.debug("%s %s", self.address_string(), format % args)
