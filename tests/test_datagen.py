@@ -151,6 +151,70 @@ def test_run_text_stage_resumes_after_a_crash_without_duplicates(tmp_path):
     assert len(out.read_text().splitlines()) == 10
 
 
+def test_run_text_stage_refuses_to_continue_with_other_settings_and_resumes_older_progress_files(tmp_path):
+    captions = [f"caption number {i}" for i in range(6)]
+    other_captions = [f"another caption {i}" for i in range(6)]  # as many: only the content tells them apart
+    config = TextConfig(batch_size=2)
+    recorded = {"config": config, "model": "lm-a", "caption_file": "a.txt"}
+
+    def stopping_after_one_batch(out):
+        calls = []
+
+        def generate(prompts, seed):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return _text_generate(prompts, seed)
+
+        with pytest.raises(KeyboardInterrupt):
+            run_text_stage(captions, out, generate, **recorded, progress=False)
+
+    whole = tmp_path / "whole.jsonl"
+    run_text_stage(captions, whole, _text_generate, **recorded, progress=False)
+    out = tmp_path / "prompts.jsonl"
+    stopping_after_one_batch(out)
+    progress = json.loads((tmp_path / "prompts.jsonl.progress.json").read_text())
+    assert progress["settings"]["model"] == "lm-a" and progress["settings"]["temperature"] == 0.7
+    assert progress["caption_file"] == "a.txt"
+    safety = WordList(["gore"])
+    for change, message in [
+        ({"config": TextConfig(batch_size=2, temperature=0.9)}, "temperature: 0.7 -> 0.9"),
+        ({"config": TextConfig(batch_size=2, top_p=0.5, seed=3)}, "top_p: 1.0 -> 0.5; seed: 0 -> 3"),
+        ({"config": TextConfig(batch_size=2, frequency_penalty=0.0)}, "frequency_penalty: 0.1 -> 0.0"),
+        ({"config": TextConfig(batch_size=2, max_new_tokens=64)}, "max_new_tokens: 256 -> 64"),
+        ({"config": TextConfig(batch_size=3)}, "batch_size: 2 -> 3"),  # it decides each caption's seed
+        ({"model": "lm-b"}, "model: 'lm-a' -> 'lm-b'"),
+        ({"safety": safety}, "safety word list: none -> a list"),
+        ({"captions": other_captions}, "captions: 'a.txt' changed since"),
+        ({"captions": other_captions, "caption_file": "b.txt"}, "captions: those of 'b.txt' are not those of 'a.txt'"),
+    ]:
+        args = {"captions": captions, **recorded, **change}
+        with pytest.raises(ValueError, match="was written with other settings") as error:
+            run_text_stage(args.pop("captions"), out, _text_generate, **args, progress=False)
+        assert message in str(error.value) and "\n" not in str(error.value), change
+        assert "pass another --out" in str(error.value)
+    # The same captions from a file of another name are the same input.
+    run_text_stage(captions, out, _text_generate, **{**recorded, "caption_file": "moved/a.txt"}, progress=False)
+    assert out.read_text() == whole.read_text()
+
+    # A progress file of the previous version, without settings: they are unknown, so it resumes, and records them.
+    legacy = tmp_path / "legacy.jsonl"
+    stopping_after_one_batch(legacy)
+    legacy_progress = tmp_path / "legacy.jsonl.progress.json"
+    state = json.loads(legacy_progress.read_text())
+    del state["settings"], state["caption_file"]
+    atomic.write_json(legacy_progress, state)
+    run_text_stage(captions, legacy, _text_generate, **recorded, progress=False)
+    assert legacy.read_text() == whole.read_text()
+    assert json.loads(legacy_progress.read_text())["settings"]["model"] == "lm-a"
+    # A setting an older version did not record is not compared either.
+    state = json.loads(legacy_progress.read_text())
+    del state["settings"]["presence_penalty"]
+    atomic.write_json(legacy_progress, state)
+    unrecorded_changed = TextConfig(batch_size=2, presence_penalty=0.5)
+    run_text_stage(captions, legacy, _text_generate, **{**recorded, "config": unrecorded_changed}, progress=False)
+
+
 def test_read_captions_formats_and_errors(tmp_path):
     (tmp_path / "c.txt").write_text("a cat\n\n a dog \n")
     assert read_captions(tmp_path / "c.txt") == ["a cat", "a dog"]

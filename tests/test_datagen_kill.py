@@ -132,6 +132,28 @@ def test_text_stage_killed_before_or_after_a_commit_resumes_to_the_uninterrupted
         assert out.read_text() == whole
 
 
+def test_text_rerun_with_other_settings_is_refused_before_the_lm_loads(tmp_path, tuned_lm, caplog):
+    from ip2p.datagen import cli
+
+    captions, same_length = tmp_path / "captions.txt", tmp_path / "others.txt"
+    captions.write_text("a red car\na dog on grass\na house\n")
+    same_length.write_text("a blue car\na cat on grass\na barn\n")
+    out = tmp_path / "prompts.jsonl"
+    args = ["text", "--model", str(tuned_lm), "--captions", str(captions), "--out", str(out), "--batch-size", "1"]
+    assert cli.main([*args, "--quiet"]) == 0
+    whole = out.read_text()
+    fix = "rerun with the ones it was written with, or pass another --out"
+    _fails([*args, "--temperature", "0.9"], "(temperature: 0.7 -> 0.9); " + fix, caplog)
+    _fails([*args, "--num-retries", "1", "--repetition-penalty", "1.2"],
+           "repetition_penalty: 1.0 -> 1.2; num_retries: 3 -> 1", caplog)
+    _fails([*args[:4], str(same_length), *args[5:]], f"captions: those of {str(same_length)!r} are not those of",
+           caplog)
+    _fails(["text", "--model", str(tmp_path / "no-model"), *args[3:]], "model: ", caplog)  # refused, not loaded
+    # --device, --dtype and --quiet decide nothing recorded: the finished file is kept as it is.
+    assert cli.main([*args, "--device", "cpu", "--dtype", "float32"]) == 0
+    assert out.read_text() == whole
+
+
 # -- bad input ---------------------------------------------------------------------------------------------------------
 def _fails(argv: list[str], message: str, caplog) -> None:
     """``argv`` exits with status 2 and one error line containing ``message``, and no traceback."""

@@ -203,17 +203,18 @@ def _text_config(args):
 
 def _run_text(args, lm: str, out: Path):
     from ip2p.datagen.shards import sharded_path
-    from ip2p.datagen.text import HFGenerator, WordList, read_captions, run_text_stage
+    from ip2p.datagen.text import HFGenerator, WordList, open_progress, read_captions, run_text_stage
 
     shard = _shard(args)
     captions = read_captions(args.captions, args.caption_key)
     safety = WordList.from_file(args.safety_words) if args.safety_words else None
     config = _text_config(args)
+    path = sharded_path(out, shard)
+    recorded = {"config": config, "shard": shard, "safety": safety, "model": lm, "caption_file": args.captions}
+    open_progress(captions, path, **recorded)  # a resume with other settings fails before the LM loads
     device = _device(args.device)
     generator = HFGenerator.from_pretrained(lm, config, device=device, dtype=_dtype(args.dtype, device))
-    path = sharded_path(out, shard)
-    stats = run_text_stage(captions, path, generator, config=config, shard=shard, safety=safety,
-                           progress=not args.quiet)
+    stats = run_text_stage(captions, path, generator, **recorded, progress=not args.quiet)
     logger.info("wrote %d triples to %s", stats.kept, path)
     return path, stats
 

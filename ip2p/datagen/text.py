@@ -15,17 +15,20 @@ Input captions are de-duplicated (after the same normalisation) before anything 
 Output: JSON lines ``{"id", "input", "edit", "output"}``, ``id`` being the caption's position in the caption list.
 The stage resumes: a sidecar ``<out>.progress.json`` records how many captions were finished and the output's size
 at that point, and a restarted run cuts the output back to that size and carries on, so no caption is done twice.
+It also records what decides the output (the LM, the captions, the safety list, the sampling settings, the seed and
+the batch size, which decides each caption's seed), and refuses to continue a file with other ones.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,7 +43,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "EDIT_SEPARATOR", "PROMPT_SEPARATOR", "STOP", "Completion", "FrequencyPenaltyLogitsProcessor", "HFGenerator",
     "TextConfig", "TextResult", "TextStats", "WordList", "check_completion", "edit_captions", "make_completion",
-    "make_prompt", "normalize_caption", "read_captions", "read_jsonl", "run_text_stage", "select_captions",
+    "make_prompt", "normalize_caption", "open_progress", "read_captions", "read_jsonl", "run_text_stage",
+    "select_captions",
 ]
 
 PROMPT_SEPARATOR = "\n##\n"
@@ -342,36 +346,94 @@ def _progress_path(out: Path) -> Path:
     return out.with_name(out.name + ".progress.json")
 
 
+def _digest(values: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(values), ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _settings(captions: Sequence[str], config: TextConfig, safety: WordList | None, model: str | None) -> dict:
+    """What decides the output, as recorded in the progress file (``model``: None, not recorded). The batch size is
+    there because a batch's seed derives from its first caption (``edit_captions``); the device and dtype are not (as
+    for the images stage), so a run can resume on another machine."""
+    return {**({"model": model} if model is not None else {}), **asdict(config), "captions": _digest(captions),
+            "safety_words": _digest(safety.words) if safety is not None else None}
+
+
+def _differences(old: dict, new: dict, old_file: str | None, new_file: str | None) -> list[str]:
+    """What differs between recorded and current settings; a setting not recorded (an older progress file) is
+    unknown, not a difference."""
+    found = []
+    for key in [k for k in new if k in old and old[k] != new[k]]:
+        if key == "captions":
+            found.append("captions: not the ones it was written from" if not old_file else
+                         f"captions: {old_file!r} changed since" if old_file == new_file else
+                         f"captions: those of {new_file!r} are not those of {old_file!r}")
+        elif key == "safety_words":
+            found.append("safety word list: " + ("none -> a list" if old[key] is None else "a list -> none"
+                                                 if new[key] is None else "another list"))
+        else:
+            found.append(f"{key}: {old[key]!r} -> {new[key]!r}")
+    return found
+
+
+def open_progress(captions: Sequence[str], out_path: str | os.PathLike, *, config: TextConfig = TextConfig(),
+                  shard: Shard = Shard(), safety: WordList | None = None, model: str | None = None,
+                  caption_file: str | os.PathLike | None = None) -> dict:
+    """The progress state to continue ``out_path`` from (a fresh one when there is no progress file); writes nothing.
+
+    Raises a one-line ValueError when the file was written by another shard, from other captions, or with other
+    settings (see :func:`_settings`), naming what differs; call it before loading the LM to fail early.
+    """
+    out = Path(out_path)
+    items, _ = select_captions(captions, shard, safety)
+    progress_file = _progress_path(out)
+    settings = _settings(captions, config, safety, model)
+    caption_file = str(caption_file) if caption_file is not None else None
+    if not progress_file.is_file():
+        if out.exists() and out.stat().st_size > 0:
+            raise ValueError(f"{out} exists but has no {progress_file.name}; move it away or pass a new --out")
+        return {"done": 0, "bytes": 0, "kept": 0, "dropped": {}, "shard": [shard.index, shard.count],
+                "settings": settings, "caption_file": caption_file}
+    try:
+        state = json.loads(progress_file.read_text())
+    except json.JSONDecodeError as e:  # replaced atomically: edited by hand, or the disk failed
+        raise ValueError(f"{progress_file} is not valid JSON ({e}); restore it, or delete it and {out.name} to "
+                         "start over") from None
+    if state.get("shard") != [shard.index, shard.count]:
+        raise ValueError(f"{out} was written as shard {state.get('shard')} but this run is shard "
+                         f"{[shard.index, shard.count]}; use the same --num-shards/--shard-index or a new --out")
+    recorded = state.get("settings") or {}
+    differences = _differences(recorded, settings, state.get("caption_file"), caption_file)
+    if differences:
+        raise ValueError(f"{out} was written with other settings ({'; '.join(differences)}); rerun with the ones it "
+                         "was written with, or pass another --out to start a new file")
+    if state["done"] > len(items):
+        raise ValueError(f"{progress_file} records {state['done']} finished captions but the caption list gives "
+                         f"this shard only {len(items)}; pass the same caption file or a new --out")
+    # A progress file of an earlier version records no settings: from its next commit on, it records these.
+    state["settings"] = {**recorded, **settings}
+    state["caption_file"] = caption_file if caption_file is not None else state.get("caption_file")
+    return state
+
+
 def run_text_stage(captions: Sequence[str], out_path: str | os.PathLike, generate: GenerateFn, *,
                    config: TextConfig = TextConfig(), shard: Shard = Shard(), safety: WordList | None = None,
+                   model: str | None = None, caption_file: str | os.PathLike | None = None,
                    progress: bool = True) -> TextStats:
     """Write this shard's accepted triples to ``out_path`` (JSON lines), resuming an interrupted run.
 
     Each batch is appended and fsynced, then ``<out>.progress.json`` is replaced atomically with the new caption count
     and file size: the commit point. On restart the output is truncated to the committed size (a killed batch is
-    redone, never duplicated).
+    redone, never duplicated). ``model`` (the LM's name) and ``caption_file`` are recorded with the sampling settings
+    and the captions' digest, and a restart with other ones is refused (:func:`open_progress`).
     """
     from tqdm.auto import tqdm
 
     out = Path(out_path)
     items, input_drops = select_captions(captions, shard, safety)
     progress_file = _progress_path(out)
-    state = {"done": 0, "bytes": 0, "kept": 0, "dropped": {}, "shard": [shard.index, shard.count]}
-    if progress_file.is_file():
-        try:
-            state = json.loads(progress_file.read_text())
-        except json.JSONDecodeError as e:  # replaced atomically: edited by hand, or the disk failed
-            raise ValueError(f"{progress_file} is not valid JSON ({e}); restore it, or delete it and {out.name} to "
-                             "start over") from None
-        if state.get("shard") != [shard.index, shard.count]:
-            raise ValueError(f"{out} was written as shard {state.get('shard')} but this run is shard "
-                             f"{[shard.index, shard.count]}; use the same --num-shards/--shard-index or a new --out")
-        if state["done"] > len(items):
-            raise ValueError(f"{progress_file} records {state['done']} finished captions but the caption list gives "
-                             f"this shard only {len(items)}; pass the same caption file or a new --out")
-    elif out.exists() and out.stat().st_size > 0:
-        raise ValueError(f"{out} exists but has no {progress_file.name}; move it away or pass a new --out")
-    else:  # committed before the first line: a run killed before its first batch's commit resumes from nothing
+    state = open_progress(captions, out, config=config, shard=shard, safety=safety, model=model,
+                          caption_file=caption_file)
+    if not progress_file.is_file():  # committed before the first line: a run killed before its first commit resumes
         atomic.write_json(progress_file, state, ensure_ascii=False)
     dropped = Counter(state["dropped"])
     bar = tqdm(total=len(items), initial=state["done"], desc="captions", unit="caption", disable=not progress)
