@@ -10,7 +10,7 @@ from test_datagen_support import one_thread  # noqa: F401 (autouse fixture)
 
 from ip2p import atomic
 from ip2p.datagen.config import FilterConfig, TextConfig
-from ip2p.datagen.filter import passes, select
+from ip2p.datagen.filter import filter_dataset, passes, select
 from ip2p.datagen.shards import Shard, shard_from_env, sharded_path
 from ip2p.datagen.text import (
     Completion,
@@ -433,6 +433,32 @@ def test_writer_resume_drops_uncommitted_files_and_refuses_other_settings(tmp_pa
         DatasetWriter(out, settings={"steps": 20})
     with pytest.raises(ValueError, match="format='zip'"):
         DatasetWriter(out, formats="zip")
+
+
+def test_filter_reads_the_files_the_manifests_list_not_one_a_killed_run_left(tmp_path):
+    import shutil
+
+    source = tmp_path / "ds"
+    writer = DatasetWriter(source, rows_per_file=100)
+    pairs = _pairs(2)
+    writer.add_pair(pairs[0], _samples(pairs[0], 2), tried=2)
+    writer.commit()
+    writer.add_pair(pairs[1], _samples(pairs[1], 2), tried=2)
+    # Killed between the parquet write and the manifest update, and not resumed: the file is there, not listed.
+    atomic.write_bytes(source / "data" / "train-00000-of-00001-00001.parquet", writer._parquet_bytes(writer._rows))
+    kept = DatasetWriter(tmp_path / "kept")
+    filter_dataset(source, kept, config=FilterConfig(), progress=False)
+    assert kept.done_ids == {0} and kept.kept == 2
+    # A folder without manifests (parquet files copied on their own) is read whole.
+    copy = tmp_path / "copy"
+    shutil.copytree(source / "data", copy / "data")
+    everything = DatasetWriter(tmp_path / "everything")
+    filter_dataset(copy, everything, config=FilterConfig(), progress=False)
+    assert everything.done_ids == {0, 1}
+    # A listed file that is gone is named, not skipped.
+    (source / "data" / "train-00000-of-00001-00000.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks train-00000-of-00001-00000.parquet, which the manifests"):
+        filter_dataset(source, DatasetWriter(tmp_path / "none"), config=FilterConfig(), progress=False)
 
 
 def test_writer_resumed_with_another_shard_count_drops_the_killed_shards_uncommitted_file(tmp_path):

@@ -76,14 +76,28 @@ def filter_dataset(in_dir: str | os.PathLike, writer, scorer=None, config: Filte
     """Filter the parquet dataset ``in_dir`` (image-stage output) pair by pair into ``writer`` (a ``DatasetWriter``).
 
     Rows with NaN scores are scored with ``scorer`` (a ``ClipScorer``); rows already scored keep their scores, so
-    re-filtering with other thresholds needs no model. Resumes and shards like the image stage (by pair id).
+    re-filtering with other thresholds needs no model. Resumes and shards like the image stage (by pair id). Reads
+    the files the shard manifests of ``in_dir`` list (every parquet file of a folder without manifests), never one an
+    interrupted run wrote but did not commit.
     """
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
-    from ip2p.datagen.writer import COLUMNS, DATA_DIR, Pair, Sample
+    from ip2p.datagen.writer import COLUMNS, DATA_DIR, PROGRESS_DIR, Pair, Sample, read_manifests
 
     files = sorted((Path(in_dir) / DATA_DIR).glob("*.parquet"))
+    manifests = read_manifests(in_dir)
+    if manifests:  # only committed files: a killed, not yet resumed run leaves one its manifest does not list
+        listed = {name for manifest in manifests for name in manifest.get("files", [])}
+        missing = sorted(listed - {path.name for path in files})
+        if missing:
+            raise FileNotFoundError(f"{Path(in_dir) / DATA_DIR} lacks {', '.join(missing)}, which the manifests in "
+                                    f"{Path(in_dir) / PROGRESS_DIR} list as written; restore them from a copy, or "
+                                    "pass a complete images-stage folder")
+        skipped = [path.name for path in files if path.name not in listed]
+        if skipped:
+            logger.info("not reading %s: no manifest lists them (written by an interrupted run)", ", ".join(skipped))
+        files = [path for path in files if path.name in listed]
     if not files:
         raise FileNotFoundError(f"no parquet files in {Path(in_dir) / DATA_DIR}; pass the output folder of the "
                                 "images stage")
