@@ -1,7 +1,10 @@
 """Data generation under SIGKILL and bad input: a kill never corrupts what is written, bad input gets one clear line."""
 
+import errno
+import importlib
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -259,17 +262,27 @@ def _dataset(out: Path) -> tuple[list[tuple], dict[str, bytes]]:
     return rows, files
 
 
-def test_images_killed_at_each_commit_step_resume_to_the_uninterrupted_dataset(tmp_path):
+@pytest.fixture(scope="module")
+def images_run(tmp_path_factory) -> tuple[list[str], tuple]:
+    """An images command without --out (3 pairs, 1 sample each, a commit per pair, both layouts) and the dataset it
+    writes when nothing goes wrong (:func:`_dataset`)."""
+    from ip2p.datagen import cli
+
+    folder = tmp_path_factory.mktemp("images")
+    write_prompts(folder / "prompts.jsonl", 3)
+    args = ["images", "--model", "tiny", "--prompts", str(folder / "prompts.jsonl"), "--no-filter",
+            "--samples-per-pair", "1", "--rows-per-file", "1", "--format", "both", *SMALL]
+    assert cli.main([*args, "--out", str(folder / "whole")]) == 0
+    whole = _dataset(folder / "whole")
+    assert len(whole[0]) == 3 and len(json.loads(whole[1]["seeds.json"])) == 3
+    return args, whole
+
+
+def test_images_killed_at_each_commit_step_resume_to_the_uninterrupted_dataset(tmp_path, images_run):
     from ip2p.data import open_records
     from ip2p.datagen import cli
 
-    prompts = tmp_path / "prompts.jsonl"
-    write_prompts(prompts, 3)
-    args = ["images", "--model", "tiny", "--prompts", str(prompts), "--no-filter", "--samples-per-pair", "1",
-            "--rows-per-file", "1", "--format", "both", *SMALL]
-    assert cli.main([*args, "--out", str(tmp_path / "whole")]) == 0
-    whole = _dataset(tmp_path / "whole")
-    assert len(whole[0]) == 3 and len(json.loads(whole[1]["seeds.json"])) == 3
+    args, whole = images_run
     kills = [("ip2p.atomic.fsync_file", 3),  # the second parquet file written to its temporary name, not renamed
              ("ip2p.atomic.write_json", 2),  # the second parquet file in place, the manifest not yet updated
              ("ip2p.datagen.writer._jpeg", 4)]  # in the middle of the second pair's seeds-layout folder
@@ -280,3 +293,111 @@ def test_images_killed_at_each_commit_step_resume_to_the_uninterrupted_dataset(t
         assert _dataset(out) == whole, at
         assert not [p for p in (out / "data").iterdir() if not p.name.endswith(".parquet")]  # no temporary file
         assert open_records(out / "data", cache_dir=tmp_path / "cache").count() == 3  # what train.py reads
+
+
+# -- a full disk, a read-only folder -------------------------------------------------------------------------------
+def _failing_writes(monkeypatch, after: int, code: int = errno.ENOSPC) -> None:
+    """Every flush to disk of ``ip2p.atomic`` (the last step of each file it writes) after the first ``after`` raises
+    OSError(``code``), as on a disk that fills up (ENOSPC) or a folder that turns read-only (EROFS); root ignores
+    file modes, so chmod cannot make one here."""
+    atomic = importlib.import_module("ip2p.atomic")
+    original, calls = atomic.fsync_file, []
+
+    def fsync_file(path):
+        calls.append(path)
+        if len(calls) > after:
+            raise OSError(code, os.strerror(code))
+        return original(path)
+
+    monkeypatch.setattr(atomic, "fsync_file", fsync_file)
+
+
+def test_text_and_run_on_a_full_disk_stop_with_one_line_and_resume_from_the_last_commit(tmp_path, tuned_lm,
+                                                                                         monkeypatch, caplog):
+    from ip2p.datagen import cli
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red car\na dog on grass\na house\n")
+    args = ["text", "--model", str(tuned_lm), "--captions", str(captions), "--batch-size", "1", "--quiet"]
+    assert cli.main([*args, "--out", str(tmp_path / "whole.jsonl")]) == 0
+    out = tmp_path / "prompts.jsonl"
+    _failing_writes(monkeypatch, after=2)  # the progress file at the start and the first batch's commit
+    _fails([*args, "--out", str(out)], f"cannot write {str(out)!r} (No space left on device); free space on its disk "
+           "and rerun the same command: it continues from the last commit", caplog)
+    assert json.loads((tmp_path / "prompts.jsonl.progress.json").read_text())["done"] == 1  # the first commit kept
+    run = ["run", "--lm", str(tuned_lm), "--captions", str(captions), "--sd-model", "tiny", "--no-filter",
+           "--out", str(tmp_path / "run"), *SMALL]
+    _fails(run, f"cannot write {str(tmp_path / 'run' / 'prompts.jsonl')!r} (No space left on device)", caplog)
+    monkeypatch.undo()
+    assert cli.main([*args, "--out", str(out)]) == 0
+    assert out.read_text() == (tmp_path / "whole.jsonl").read_text()
+
+
+def test_images_and_filter_on_a_full_disk_or_read_only_folder_stop_with_one_line_and_resume(tmp_path, images_run,
+                                                                                           monkeypatch, caplog):
+    from ip2p.datagen import cli
+    from ip2p.datagen.writer import DatasetWriter
+
+    args, whole = images_run
+    out = tmp_path / "out"
+    _failing_writes(monkeypatch, after=2)  # the first pair's parquet file and manifest
+    second = out / "data" / "train-00000-of-00001-00001.parquet"
+    _fails([*args, "--out", str(out)], f"cannot write {str(second)!r} (No space left on device); free space", caplog)
+    assert json.loads((out / "_progress" / "00000-of-00001.json").read_text())["done"] == [0]
+    monkeypatch.undo()
+    _failing_writes(monkeypatch, after=0, code=errno.EROFS)
+    _fails([*args, "--out", str(out)], "(Read-only file system); make its folder writable and rerun the same "
+           "command", caplog)
+    monkeypatch.undo()
+    assert cli.main([*args, "--out", str(out)]) == 0
+    assert _dataset(out) == whole
+
+    # filter writes with the same writer; its input needs scores (or a CLIP model) to be filtered.
+    scored = tmp_path / "scored"
+    writer = DatasetWriter(scored)
+    for pair, samples in _scored_pairs(out):
+        writer.add_pair(pair, samples, tried=len(samples))
+    writer.close()
+    kept = tmp_path / "kept"
+    _failing_writes(monkeypatch, after=0)
+    _fails(["filter", "--in", str(scored), "--out", str(kept), "--quiet"],
+           f"cannot write {str(kept / 'data' / 'train-00000-of-00001-00000.parquet')!r} (No space left", caplog)
+    monkeypatch.undo()
+    assert cli.main(["filter", "--in", str(scored), "--out", str(kept), "--quiet"]) == 0
+
+
+def _scored_pairs(dataset: Path):
+    """The pairs and samples of a parquet dataset, every sample given passing CLIP scores."""
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from ip2p.datagen.writer import Pair, Sample
+
+    pairs = {}
+    for row in pq.read_table(dataset / "data").to_pylist():
+        pair = Pair(row["pair_id"], row["input_prompt"], row["edit_prompt"], row["edited_prompt"])
+        images = [np.asarray(Image.open(io.BytesIO(row[k]["bytes"])).convert("RGB"))
+                  for k in ("input_image", "edited_image")]
+        pairs.setdefault(pair, []).append(Sample(pair, row["seed"], row["p2p_threshold"], row["cfg_scale"], *images,
+                                                 dict.fromkeys(("clip_sim_0", "clip_sim_1", "clip_sim_dir",
+                                                                "clip_sim_image"), 0.9)))
+    return pairs.items()
+
+
+def test_finetune_on_a_full_disk_keeps_the_previous_model_and_says_so(tmp_path, monkeypatch, caplog):
+    from ip2p.datagen import cli
+
+    base = tiny.save_tiny_causal_lm(tmp_path / "lm")
+    out = tmp_path / "lm-ft"
+    args = ["finetune-lm", "--model", str(base), "--out", str(out), "--epochs", "1", "--batch-size", "8", "--quiet"]
+    assert cli.main(args) == 0  # a model already there
+    before = _state(out)
+    _failing_writes(monkeypatch, after=0)
+    _fails([*args, "--lr", "3e-2"], f"cannot write {str(out)!r} (No space left on device); free space on its disk "
+           "and rerun it (a model already there is kept as it was)", caplog)
+    after = _state(out)
+    assert all(torch.equal(after[key], before[key]) for key in before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm", "lm-ft"]  # no half-written folder left

@@ -163,6 +163,7 @@ def _cmd_finetune(args) -> int:
 
     from ip2p.datagen.config import FinetuneConfig
     from ip2p.datagen.finetune import EXAMPLE_TRIPLES, finetune_lm, read_triples
+    from ip2p.datagen.shards import output_errors
 
     triples = read_triples(args.triples or EXAMPLE_TRIPLES)
     config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
@@ -184,7 +185,7 @@ def _cmd_finetune(args) -> int:
     torch.manual_seed(args.seed)
     losses = finetune_lm(model.to(device), tokenizer, triples, config, progress=not args.quiet)
     # Built beside --out and swapped in whole: a kill mid-save leaves the previous model (or none), never half of one.
-    with writing_folder(out) as tmp:
+    with output_errors(out, "rerun it (a model already there is kept as it was)"), writing_folder(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     logger.info("fine-tuned on %d triples for %d steps (loss %.4f -> %.4f); saved to %s", len(triples), len(losses),

@@ -1,16 +1,23 @@
-"""Which items a process owns (files are written with ``ip2p.atomic``, so a kill never leaves a half-written one).
+"""Which items a process owns, and where and how it writes them.
 
 Work is split by item id: item ``i`` belongs to shard ``i % count``. The split depends only on the ids, so every
-process computes it alone (no communication), and two runs with the same shard count agree on it.
+process computes it alone (no communication), and two runs with the same shard count agree on it. Files are written
+with ``ip2p.atomic``, so a kill never leaves a half-written one, and a failed write (a full disk, a read-only folder)
+is one line naming the file (:func:`output_errors`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Shard", "shard_from_env", "sharded_path"]
+__all__ = ["RESUME", "Shard", "output_errors", "shard_from_env", "sharded_path"]
+
+RESUME = "rerun the same command: it continues from the last commit"
 
 
 @dataclass(frozen=True)
@@ -62,3 +69,21 @@ def sharded_path(path: str | os.PathLike, shard: Shard) -> Path:
     if shard.count == 1:
         return path
     return path.with_name(f"{path.stem}.shard-{shard.tag}{path.suffix}")
+
+
+@contextlib.contextmanager
+def output_errors(path: str | os.PathLike, then: str = RESUME) -> Iterator[None]:
+    """Turn an OSError while writing ``path`` into a one-line ValueError naming it, the OS's reason and the fix.
+
+    ``then``: what to do once it is fixed. The stages commit atomically, so what was committed before stays.
+    """
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = "free space on its disk"
+        elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            fix = "make its folder writable"
+        else:
+            fix = "fix that"
+        raise ValueError(f"cannot write {str(path)!r} ({e.strerror or e}); {fix} and {then}") from e

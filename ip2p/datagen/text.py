@@ -36,7 +36,7 @@ import torch
 from ip2p import atomic
 from ip2p.data.seeding import mix_seed
 from ip2p.datagen.config import TextConfig
-from ip2p.datagen.shards import Shard
+from ip2p.datagen.shards import Shard, output_errors
 
 logger = logging.getLogger(__name__)
 
@@ -433,25 +433,28 @@ def run_text_stage(captions: Sequence[str], out_path: str | os.PathLike, generat
     progress_file = _progress_path(out)
     state = open_progress(captions, out, config=config, shard=shard, safety=safety, model=model,
                           caption_file=caption_file)
-    if not progress_file.is_file():  # committed before the first line: a run killed before its first commit resumes
-        atomic.write_json(progress_file, state, ensure_ascii=False)
+    with output_errors(out):
+        if not progress_file.is_file():  # committed before the first line: a run killed before its first commit resumes
+            atomic.write_json(progress_file, state, ensure_ascii=False)
+        with open(out, "ab") as handle:
+            handle.truncate(state["bytes"])  # drop whatever a killed run appended after its last commit
     dropped = Counter(state["dropped"])
     bar = tqdm(total=len(items), initial=state["done"], desc="captions", unit="caption", disable=not progress)
-    with open(out, "ab") as handle:
-        handle.truncate(state["bytes"])  # drop whatever a killed run appended after its last commit
-        for start in range(state["done"], len(items), config.batch_size):
-            batch = items[start:start + config.batch_size]
-            results = edit_captions(batch, generate, num_retries=config.num_retries, seed=config.seed, safety=safety)
-            lines = "".join(json.dumps(r.record(), ensure_ascii=False) + "\n" for r in results if r.reason == "ok")
+    for start in range(state["done"], len(items), config.batch_size):
+        batch = items[start:start + config.batch_size]
+        results = edit_captions(batch, generate, num_retries=config.num_retries, seed=config.seed, safety=safety)
+        lines = "".join(json.dumps(r.record(), ensure_ascii=False) + "\n" for r in results if r.reason == "ok")
+        dropped.update(r.reason for r in results if r.reason != "ok")
+        # The file is opened per batch so that a failed write is closed (and reported) here, not at a later close.
+        with output_errors(out), open(out, "ab") as handle:
             handle.write(lines.encode("utf-8"))
             handle.flush()
             os.fsync(handle.fileno())
-            state["kept"] += sum(r.reason == "ok" for r in results)
-            dropped.update(r.reason for r in results if r.reason != "ok")
-            state.update(done=start + len(batch), bytes=os.fstat(handle.fileno()).st_size, dropped=dict(dropped))
+            state.update(done=start + len(batch), bytes=os.fstat(handle.fileno()).st_size, dropped=dict(dropped),
+                         kept=state["kept"] + sum(r.reason == "ok" for r in results))
             atomic.write_json(progress_file, state, ensure_ascii=False)
-            bar.update(len(batch))
-            bar.set_postfix(kept=state["kept"], tried=state["done"])
+        bar.update(len(batch))
+        bar.set_postfix(kept=state["kept"], tried=state["done"])
     bar.close()
     all_drops = dict(dropped + input_drops)
     logger.info("text stage %s: %d of %d captions kept; dropped: %s", shard.tag, state["kept"], len(items),

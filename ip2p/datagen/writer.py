@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ip2p import atomic
-from ip2p.datagen.shards import Shard
+from ip2p.datagen.shards import Shard, output_errors
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,8 @@ class DatasetWriter:
             index, count = int(name.group(1)), int(name.group(2))
             if (index, count) == (self.shard.index, self.shard.count) or count in counts:
                 logger.info("removing %s: written after the last commit of an interrupted run", path)
-                path.unlink()
+                with output_errors(path):
+                    path.unlink()
 
     def _all_done(self) -> set[int]:
         done = set(self.manifest["done"])
@@ -211,7 +212,8 @@ class DatasetWriter:
             raise ValueError(f"pair id {pair.id} is already in {self.out}; pair ids must be unique")
         samples = list(samples)
         if self.seeds:
-            self._write_pair_folder(pair, samples)
+            with output_errors(self.out / _pair_dir(pair)):
+                self._write_pair_folder(pair, samples)
         self._pending.append((pair, tried, samples))
         self._rows.extend(samples)
         self.done_ids.add(pair.id)
@@ -225,7 +227,9 @@ class DatasetWriter:
         manifest = dict(self.manifest)
         if self.parquet and self._rows:
             name = f"train-{self.shard.tag}-{len(manifest['files']):05d}.parquet"
-            atomic.write_bytes(self.out / DATA_DIR / name, self._parquet_bytes(self._rows))
+            data = self._parquet_bytes(self._rows)
+            with output_errors(self.out / DATA_DIR / name):
+                atomic.write_bytes(self.out / DATA_DIR / name, data)
             manifest["files"] = manifest["files"] + [name]
         manifest["done"] = manifest["done"] + [pair.id for pair, _, _ in self._pending]
         manifest["tried"] = self.tried
@@ -233,7 +237,8 @@ class DatasetWriter:
         if self.seeds:
             manifest["seeds"] = manifest["seeds"] + [[_pair_dir(pair), [s.seed for s in samples]]
                                                      for pair, _, samples in self._pending if samples]
-        atomic.write_json(self.manifest_path, manifest, ensure_ascii=False)
+        with output_errors(self.manifest_path):
+            atomic.write_json(self.manifest_path, manifest, ensure_ascii=False)
         self.manifest = manifest
         self._pending, self._rows = [], []
         self._last_commit = time.monotonic()
@@ -289,8 +294,7 @@ class DatasetWriter:
 
     def _write_seeds_json(self) -> None:
         """seeds.json from all manifests, under a lock: whichever shard finishes last writes the complete list."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        with _locked(self.out / PROGRESS_DIR / "seeds.lock"):
+        with output_errors(self.out / "seeds.json"), _locked(self.out / PROGRESS_DIR / "seeds.lock"):
             entries = sorted(tuple(entry) for m in read_manifests(self.out) for entry in m.get("seeds", []))
             atomic.write_json(self.out / "seeds.json", [[folder, list(seeds)] for folder, seeds in entries],
                               ensure_ascii=False)
