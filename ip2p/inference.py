@@ -47,13 +47,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infer.py", description="Edit images by following written instructions.")
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
-                   help="diffusers folder, single .safetensors file, or hub id (default: %(default)s)")
-    p.add_argument("--config-dir", help="local diffusers folder giving the architecture of a single-file checkpoint")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="allow loading a pickled .ckpt (with torch.load(weights_only=True)); off by default")
-    p.add_argument("--scale-source-latent", choices=("auto", "yes", "no"), default="auto",
-                   help="scale the source latent by the VAE factor (CosXL-style); auto: as the checkpoint says")
+    add_model_arguments(p)
     p.add_argument("--image", required=True, help="an image file, a folder of images, or a glob pattern")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--instruction", help="the edit instruction")
@@ -63,9 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-guidance", type=float, default=DEFAULT_TEXT_GUIDANCE, help="s_T (default: %(default)s)")
     p.add_argument("--image-guidance", type=float, default=DEFAULT_IMAGE_GUIDANCE, help="s_I (default: %(default)s)")
     p.add_argument("--seed", type=int, help="random seed (a CPU generator; random and reported when absent)")
-    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
-                   help=f"sampler (default: {DEFAULT_SCHEDULER}, or {DEFAULT_SAMPLE_SCHEDULER} for a model trained "
-                        "with prediction_type=sample)")
     p.add_argument("--resolution", type=int, default=512,
                    help="long side of the edited image; 0 keeps the input size (floored to --multiple, as diffusers' "
                         "pipeline does) (default: %(default)s)")
@@ -84,11 +75,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="render a labelled grid over --sweep-text x --sweep-image (the paper's Fig. 4) instead")
     p.add_argument("--sweep-text", default="3,5,7.5,10", help="comma-separated s_T values for --sweep")
     p.add_argument("--sweep-image", default="1.0,1.2,1.5,1.8,2.2", help="comma-separated s_I values for --sweep")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that choose, load and sample the model (infer.py and the web UI); see ``load_model``."""
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                   help="diffusers folder, single .safetensors file, or hub id (default: %(default)s)")
+    p.add_argument("--config-dir", help="local diffusers folder giving the architecture of a single-file checkpoint")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading a pickled .ckpt (with torch.load(weights_only=True)); off by default")
+    p.add_argument("--scale-source-latent", choices=("auto", "yes", "no"), default="auto",
+                   help="scale the source latent by the VAE factor (CosXL-style); auto: as the checkpoint says")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
+                   help=f"sampler (default: {DEFAULT_SCHEDULER}, or {DEFAULT_SAMPLE_SCHEDULER} for a model trained "
+                        "with prediction_type=sample)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: %(default)s)")
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                    help="weights' precision; auto: fp16 on GPUs, fp32 on the CPU")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
+
+
+def load_model(args: argparse.Namespace):
+    """The editor the flags of ``add_model_arguments`` name, on its device and in its precision."""
+    device = resolve_device(args.device)
+    dtype = DTYPES["fp16" if device.type != "cpu" else "fp32"] if args.dtype == "auto" else DTYPES[args.dtype]
+    if device.type == "cpu" and dtype == torch.float16:
+        logger.warning("--dtype fp16 on the CPU is many times slower than fp32 (CPUs lack half-precision kernels "
+                       "for most of the UNet); leave --dtype auto for fp32")
+    scale = {"auto": None, "yes": True, "no": False}[args.scale_source_latent]
+    return load_editor(args.checkpoint, config_dir=args.config_dir, allow_pickle=args.allow_pickle,
+                       scale_source_latent=scale, expand=False, torch_dtype=dtype, device=device)
 
 
 @dataclass
@@ -248,18 +265,12 @@ def run(args: argparse.Namespace) -> int:
     _make_output_folders(jobs)
     if len(paths) == 1:  # a broken lone input fails now, not after minutes of loading a model
         img.load_image(paths[0], max_pixels=args.max_pixels)
-    device = resolve_device(args.device)
-    dtype = DTYPES["fp16" if device.type != "cpu" else "fp32"] if args.dtype == "auto" else DTYPES[args.dtype]
-    if device.type == "cpu" and dtype == torch.float16:
-        logger.warning("--dtype fp16 on the CPU is many times slower than fp32 (CPUs lack half-precision kernels "
-                       "for most of the UNet); leave --dtype auto for fp32")
+    resolve_device(args.device)  # a bad --device fails before the seed is drawn and reported
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     if args.seed is None:
         logger.info("seed: %d (pass --seed %d to reproduce)", seed, seed)
 
-    scale = {"auto": None, "yes": True, "no": False}[args.scale_source_latent]
-    model = load_editor(args.checkpoint, config_dir=args.config_dir, allow_pickle=args.allow_pickle,
-                        scale_source_latent=scale, expand=False, torch_dtype=dtype, device=device)
+    model = load_model(args)
     scheduler = make_scheduler(args.scheduler, model.scheduler.config)
     args.scheduler = args.scheduler or default_scheduler(model.scheduler.config.get("prediction_type"))
     multiple = model.vae_scale_factor if args.multiple is None else args.multiple
@@ -271,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
                          "or 0 to keep the input size")
 
     settings = dict(checkpoint=str(args.checkpoint), steps=args.steps, scheduler=args.scheduler, seed=seed,
-                    resolution=args.resolution, multiple=multiple, dtype=str(dtype).removeprefix("torch."),
+                    resolution=args.resolution, multiple=multiple, dtype=str(model.dtype).removeprefix("torch."),
                     scale_source_latent=model.scale_source_latent, ip2p_version=ip2p.__version__)
     draws = random.Random(seed)  # --randomize-cfg's scales: the same command draws the same ones
     progress = tqdm(jobs, desc="images", disable=args.quiet or len(jobs) == 1)

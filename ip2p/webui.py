@@ -254,22 +254,14 @@ def make_server(host: str = "127.0.0.1", port: int = 7860, service: EditorServic
 
 def build_parser() -> argparse.ArgumentParser:
     from ip2p.images import DEFAULT_MAX_PIXELS
-    from ip2p.inference import DEFAULT_CHECKPOINT, DTYPES
-    from ip2p.sampling import SCHEDULERS
+    from ip2p.inference import add_model_arguments
 
     parser = argparse.ArgumentParser(prog="python -m ip2p.webui", description="A local web page for editing images.")
-    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
-                        help="diffusers folder, single .safetensors file, or hub id (default: %(default)s)")
-    parser.add_argument("--config-dir", help="local diffusers folder giving a single-file checkpoint's architecture")
+    add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s, this machine only; 0.0.0.0 shares it with "
                              "the network, with no authentication)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: %(default)s; 0: any free one)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: %(default)s)")
-    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
-                        help="weights' precision; auto: fp16 on GPUs, fp32 on the CPU")
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
-                        help="sampler (default: as infer.py, by the model's prediction type)")
     parser.add_argument("--steps", type=int, default=None, help="the page's default steps (default: 50)")
     parser.add_argument("--text-guidance", type=float, default=None, help="the page's default s_T (default: 7.5)")
     parser.add_argument("--image-guidance", type=float, default=None, help="the page's default s_I (default: 1.5)")
@@ -280,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ip2p.inference import DTYPES, resolve_device
+    from ip2p.inference import load_model
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -302,16 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      e.strerror or e)
         return 2
     try:
-        from ip2p.models import load_editor
-
-        device = resolve_device(args.device)
-        import torch
-
-        dtype = (DTYPES["fp16"] if device.type != "cpu" else torch.float32) if args.dtype == "auto" \
-            else DTYPES[args.dtype]
-        logger.info("loading %s on %s", args.checkpoint, device)
-        model = load_editor(args.checkpoint, config_dir=args.config_dir, expand=False, torch_dtype=dtype,
-                            device=device)
+        logger.info("loading %s", args.checkpoint)
+        model = load_model(args)
         server.service = EditorService(model, checkpoint=str(args.checkpoint), scheduler=args.scheduler,
                                        steps=args.steps, text_guidance=args.text_guidance,
                                        image_guidance=args.image_guidance, resolution=args.resolution,
