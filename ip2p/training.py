@@ -762,11 +762,17 @@ class Trainer:
                                          tokenizer=self.tokenizer, scheduler=cls.from_config(self.base_scheduler_config),
                                          scale_source_latent=self.cfg.model.scale_source_latent)
             meta = {"config": cfgmod.to_dict(self.cfg), "step": self.global_step, "ema": self.ema is not None}
+            single_path = self.out / "final.safetensors"
+            if single_path.exists():
+                # An earlier export's: removed first, so that it never sits beside a newer final/ (a kill between
+                # the two writes, train.final_single_file=false now, or a single file this model cannot have).
+                single_path.unlink()
+                logger.info("removed the earlier export's %s (this export replaces it)", single_path)
             save_pipeline_folder(components, final, ip2p_metadata=meta)
             logger.info("exported %s weights as a diffusers folder: %s", "EMA" if self.ema else "final", final)
             if self.cfg.train.final_single_file:
                 try:
-                    single = save_single_file(components, self.out / "final.safetensors", ip2p_metadata=meta)
+                    single = save_single_file(components, single_path, ip2p_metadata=meta)
                     logger.info("exported the single file %s", single)
                 except ValueError as e:
                     logger.warning("skipped the single-file export: %s", e)

@@ -188,6 +188,9 @@ def test_train_main_end_to_end_exports_a_loadable_editor(tmp_path, data_dir):
     # EMA weights are what gets exported: they differ from the raw weights in the last checkpoint.
     raw = load_file(out / "checkpoints" / "step-000004" / "model.safetensors")
     assert max_diff(raw, unet_weights(out / "final")) > 0
+    # Training on without the single file: the earlier one must not sit beside the newer final/ as if it were it.
+    assert train.main(overrides(out, data_dir, "train.max_steps=5", "resume=latest")) == 0
+    assert not (out / "final.safetensors").exists()
 
 
 def test_sample_prediction_trains_and_exports_a_pipeline_diffusers_can_sample(tmp_path, data_dir):
