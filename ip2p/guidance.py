@@ -53,12 +53,14 @@ def two_scale_denoiser(
     source_latents: torch.Tensor,
     text_scale: float,
     image_scale: float,
+    max_batch: int | None = None,
 ) -> Denoiser:
     """Wrap an 8-channel UNet into ``denoiser(x, t) -> eps`` with two-scale guidance, one batched forward per call.
 
     text_embeds, null_text_embeds: (B, L, D); source_latents: (B, C, h, w), already scaled as the model expects.
     ``x`` passed to the denoiser is the scheduler-scaled latent (B, C, h, w); the source latent is concatenated after
-    ``scale_model_input``, as the reference implementations do.
+    ``scale_model_input``, as the reference implementations do. ``max_batch`` splits that forward into forwards of at
+    most so many rows (less memory, more time; the same result up to float rounding).
     """
     branches = needed_branches(text_scale, image_scale)
     zeros = torch.zeros_like(source_latents)
@@ -70,7 +72,11 @@ def two_scale_denoiser(
 
     def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         model_in = torch.cat([torch.cat([x] * n), image], dim=1)  # (nB, 2C, h, w)
-        out = unet(model_in, t, encoder_hidden_states=context, return_dict=False)[0]
+        if max_batch is None or max_batch >= len(model_in):
+            out = unet(model_in, t, encoder_hidden_states=context, return_dict=False)[0]
+        else:
+            out = torch.cat([unet(rows, t, encoder_hidden_states=ctx, return_dict=False)[0]
+                             for rows, ctx in zip(model_in.split(max_batch), context.split(max_batch))])
         return combine(dict(zip(branches, out.chunk(n))), text_scale, image_scale)
 
     return denoiser

@@ -94,6 +94,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: %(default)s)")
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                    help="weights' precision; auto: fp16 on GPUs, fp32 on the CPU")
+    p.add_argument("--low-memory", action="store_true",
+                   help="less peak memory, more time: the guidance branches through the UNet one at a time, the VAE "
+                        "one image at a time and in tiles above its native size (docs: README)")
 
 
 def load_model(args: argparse.Namespace):
@@ -104,8 +107,9 @@ def load_model(args: argparse.Namespace):
         logger.warning("--dtype fp16 on the CPU is many times slower than fp32 (CPUs lack half-precision kernels "
                        "for most of the UNet); leave --dtype auto for fp32")
     scale = {"auto": None, "yes": True, "no": False}[args.scale_source_latent]
-    return load_editor(args.checkpoint, config_dir=args.config_dir, allow_pickle=args.allow_pickle,
-                       scale_source_latent=scale, expand=False, torch_dtype=dtype, device=device)
+    model = load_editor(args.checkpoint, config_dir=args.config_dir, allow_pickle=args.allow_pickle,
+                        scale_source_latent=scale, expand=False, torch_dtype=dtype, device=device)
+    return model.low_memory() if args.low_memory else model
 
 
 @dataclass
@@ -283,7 +287,8 @@ def run(args: argparse.Namespace) -> int:
 
     settings = dict(checkpoint=str(args.checkpoint), steps=args.steps, scheduler=args.scheduler, seed=seed,
                     resolution=args.resolution, multiple=multiple, dtype=str(model.dtype).removeprefix("torch."),
-                    scale_source_latent=model.scale_source_latent, ip2p_version=ip2p.__version__)
+                    scale_source_latent=model.scale_source_latent, low_memory=args.low_memory,
+                    ip2p_version=ip2p.__version__)
     draws = random.Random(seed)  # --randomize-cfg's scales: the same command draws the same ones
     progress = tqdm(jobs, desc="images", disable=args.quiet or len(jobs) == 1)
     unreadable: dict[Path, str] = {}  # a bad input among several is skipped, so the others' edits are still made

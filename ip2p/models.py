@@ -30,6 +30,18 @@ class EditorModel:
     tokenizer: object
     scheduler: object
     scale_source_latent: bool = False
+    unet_batch: int | None = None
+    """Most rows per UNet forward while sampling (None: all guidance branches of all images in one forward); 1 is
+    what ``low_memory`` sets."""
+
+    def low_memory(self) -> "EditorModel":
+        """Trade speed for peak memory: the guidance branches go through the UNet one at a time, and the VAE encodes
+        and decodes one image at a time, in tiles above its native size (diffusers' slicing and tiling; tiles blend
+        at their seams, so large images differ slightly from an untiled decode)."""
+        self.unet_batch = 1
+        self.vae.enable_slicing()
+        self.vae.enable_tiling()
+        return self
 
     @property
     def device(self) -> torch.device:

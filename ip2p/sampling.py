@@ -179,7 +179,8 @@ def edit(model, images: torch.Tensor, instructions: list[str], *, steps: int = D
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}")
-    denoiser = two_scale_denoiser(model.unet, text, null_text, source, text_guidance, image_guidance)
+    denoiser = two_scale_denoiser(model.unet, text, null_text, source, text_guidance, image_guidance,
+                                  max_batch=getattr(model, "unet_batch", None))
     latents = sample(denoiser, scheduler, latents.to(device=device, dtype=dtype), steps=steps,
                      generator=generator, eta=eta, progress=progress)
     if output == "latent":

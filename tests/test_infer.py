@@ -100,6 +100,46 @@ def test_infer_randomize_cfg_with_sweep_is_a_one_line_error(photo, tmp_path, cap
     assert "--randomize-cfg and --sweep both choose the guidance scales" in caplog.text
 
 
+def test_low_memory_edits_as_the_batched_path_and_as_diffusers_with_a_tiled_vae(tiny_editor_dir, tmp_path):
+    from ip2p.sampling import edit
+
+    # Branches one at a time: the same edit as one batched forward, up to float rounding.
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    common = dict(steps=3, text_guidance=5.0, image_guidance=1.4, scheduler=None)
+    batched = edit(load_editor(tiny_editor_dir, expand=False), images, ["a", "b"],
+                   generator=torch.Generator().manual_seed(0), progress=False, **common)
+    model = load_editor(tiny_editor_dir, expand=False).low_memory()
+    assert model.unet_batch == 1 and model.vae.use_slicing and model.vae.use_tiling
+    sliced = edit(model, images, ["a", "b"], generator=torch.Generator().manual_seed(0), progress=False, **common)
+    torch.testing.assert_close(sliced, batched, atol=1e-5, rtol=0)
+    # Above the VAE's native size (64 px here) it encodes and decodes in tiles, as diffusers' pipeline does with its
+    # VAE's tiling and slicing enabled.
+    rng = np.random.default_rng(3)
+    big = tmp_path / "big.png"
+    Image.fromarray((rng.random((80, 112, 3)) * 255).astype("uint8")).save(big)
+    out = tmp_path / "low.png"
+    assert infer.main(["--checkpoint", str(tiny_editor_dir), "--image", str(big), "--instruction", "make it winter",
+                       "--output", str(out), "--seed", "0", "--steps", "3", "--resolution", "0", "--low-memory",
+                       "--quiet"]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["low_memory"] is True
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(tiny_editor_dir)
+    pipe.vae.enable_tiling()
+    pipe.vae.enable_slicing()
+    pipe.set_progress_bar_config(disable=True)
+    from ip2p.sampling import make_scheduler
+
+    pipe.scheduler = make_scheduler("euler_a", pipe.scheduler.config)
+    want = pipe("make it winter", image=Image.open(big).convert("RGB"), num_inference_steps=3,
+                generator=torch.Generator().manual_seed(0)).images[0]
+    got = np.asarray(Image.open(out)).astype(int)
+    assert got.shape == np.asarray(want).shape == (80, 112, 3)
+    assert np.abs(got - np.asarray(want).astype(int)).max() <= 1
+    plain = tmp_path / "plain.png"
+    assert infer.main(["--checkpoint", str(tiny_editor_dir), "--image", str(big), "--instruction", "make it winter",
+                       "--output", str(plain), "--seed", "0", "--steps", "3", "--resolution", "0", "--quiet"]) == 0
+    assert not np.array_equal(np.asarray(Image.open(plain)), got)  # the tiles are really there
+
+
 def test_infer_reads_a_single_file_checkpoint(tiny_sd_editor_dir, photo, tmp_path):
     model = load_editor(tiny_sd_editor_dir, expand=False)
     single = save_single_file(model, tmp_path / "model.safetensors")
