@@ -137,6 +137,13 @@ class TrainConfig:
     """Log loss, lr and throughput to the trackers every N optimizer steps."""
     final_single_file: bool = True
     """Also export <output_dir>/final.safetensors in the original SD layout (SD-shaped models only)."""
+    lora_rank: int = 0
+    """0 trains the whole UNet; r > 0 trains rank-r LoRA adapters of the lora_targets layers and the whole conv_in
+    (ip2p.lora), the rest frozen: far less optimizer memory. The export merges them: final/ is a whole model."""
+    lora_alpha: float = 0.0
+    """LoRA scale numerator: the adapters add (alpha / rank) B A x (0: alpha = rank, a scale of 1)."""
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """Ends of the names of the UNet's linear layers that get adapters (the attention projections by default)."""
 
 
 @dataclass
@@ -192,6 +199,7 @@ _MINIMUM = {
     "train.max_steps": 1, "train.max_minutes": 0, "train.batch_size": 1, "train.gradient_accumulation": 1,
     "train.log_every": 1, "train.lr_warmup_steps": 0, "train.checkpoint_every": 0, "train.checkpoints_total_limit": 0,
     "train.weight_decay": 0, "train.max_grad_norm": 0, "train.snr_gamma": 0, "train.noise_offset": 0,
+    "train.lora_rank": 0, "train.lora_alpha": 0,
     "data.resolution": 8, "data.num_workers": 0, "validation.every": 0, "validation.steps": 1,
     "validation.resolution": 8,
 }

@@ -232,7 +232,7 @@ def damaged_file(folder: str | os.PathLike) -> Path | None:
 
 
 # Settings whose change makes a checkpoint's state unloadable (other shapes, other optimizer state).
-_STATE_SHAPING = ("model.pretrained", "model.config_dir", "train.optimizer")
+_STATE_SHAPING = ("model.pretrained", "model.config_dir", "train.optimizer", "train.lora_rank", "train.lora_targets")
 
 
 # ---- the loop ------------------------------------------------------------------------------------------------------
@@ -272,6 +272,11 @@ def _set_attention(unet, kind: str) -> None:
                              "model.attention=sdpa (the default)") from None
         unet.enable_xformers_memory_efficient_attention()
     # sdpa: diffusers' default processors already use torch's scaled_dot_product_attention.
+
+
+def _trainable(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters training updates, in a fixed order (all of them, or LoRA's adapters and conv_in)."""
+    return [p for p in unet.parameters() if p.requires_grad]
 
 
 def _make_optimizer(cfg: Config, params):
@@ -398,6 +403,13 @@ class Trainer:
         self.latent_channels = int(components["vae"].config.latent_channels)
         # Every rank expands identically (zeros and copies), so all start from the same weights.
         expand_conv_in(unet, self.latent_channels)
+        if cfg.train.lora_rank:
+            from ip2p.lora import add_lora
+
+            wrapped = add_lora(unet, cfg.train.lora_rank, cfg.train.lora_alpha, cfg.train.lora_targets)
+            logger.info("LoRA rank %d on %d layers and the whole conv_in: %d of %d UNet parameters train",
+                        cfg.train.lora_rank, wrapped, sum(p.numel() for p in _trainable(unet)),
+                        sum(p.numel() for p in unet.parameters()))
         _set_attention(unet, cfg.model.attention)
         if cfg.model.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -411,8 +423,8 @@ class Trainer:
             frozen.to(acc.device, **({} if self.weight_dtype == torch.float32 else {"dtype": self.weight_dtype}))
         unet.to(acc.device)
 
-        self.ema = EMA(unet.parameters(), cfg.train.ema_decay) if cfg.train.ema else None
-        optimizer = _make_optimizer(cfg, unet.parameters())
+        self.ema = EMA(_trainable(unet), cfg.train.ema_decay) if cfg.train.ema else None
+        optimizer = _make_optimizer(cfg, _trainable(unet))
         from diffusers.optimization import get_scheduler
 
         self.lr_scheduler = get_scheduler(cfg.train.lr_schedule, optimizer=optimizer,
@@ -572,7 +584,7 @@ class Trainer:
             loss = (per_example_mse(pred, goal, pixel_weights) * weights).sum() / b
             acc.backward(loss)
             if acc.sync_gradients and cfg.train.max_grad_norm > 0:
-                acc.clip_grad_norm_(self.unet.parameters(), cfg.train.max_grad_norm)
+                acc.clip_grad_norm_(_trainable(self.unet), cfg.train.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
@@ -754,7 +766,11 @@ class Trainer:
 
             unet = copy.deepcopy(acc.unwrap_model(self.unet)).float().eval()
             if self.ema is not None:
-                self.ema.copy_to(unet.parameters())
+                self.ema.copy_to(_trainable(unet))
+            if self.cfg.train.lora_rank:
+                from ip2p.lora import merge_lora
+
+                merge_lora(unet)  # a whole model: every tool loads it without knowing about adapters
             cls = getattr(diffusers, self.base_scheduler_config.get("_class_name", ""), diffusers.DDPMScheduler)
             if unsupported(cls, self.base_scheduler_config):  # e.g. SD's PNDM cannot step x0 predictions
                 cls = diffusers.EulerDiscreteScheduler  # so that diffusers' pipeline samples the export as it is
@@ -843,7 +859,7 @@ class Trainer:
                                          "data.*_column keys")
                 self.lr_scheduler.step()
                 if self.ema is not None:
-                    self.ema.step(acc.unwrap_model(self.unet).parameters())
+                    self.ema.step(_trainable(acc.unwrap_model(self.unet)))
                 self.global_step += 1
                 self.samples_seen += global_batch
                 if cache_view:

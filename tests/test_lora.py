@@ -1,0 +1,126 @@
+"""LoRA fine-tuning (train.lora_rank): adapters on the attention projections plus the whole conv_in, merged on export."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionInstructPix2PixPipeline
+from safetensors.torch import load_file
+
+import train
+from ip2p import tiny
+from ip2p.config import ConfigError
+from ip2p.lora import LoRALinear, add_lora, merge_lora
+from ip2p.models import expand_conv_in, load_components
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from ip2p.synthetic import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("data") / "synthetic", n_train=32, n_test=4, seed=0, size=32)
+
+
+def unet_and_inputs():
+    unet = tiny.tiny_unet(layout="small", in_channels=8).eval()
+    torch.manual_seed(1)
+    x = torch.randn(2, 8, 8, 8)
+    context = torch.randn(2, 6, unet.config.cross_attention_dim)
+    return unet, (x, torch.tensor(10), context)
+
+
+def test_adapters_start_as_the_base_and_merge_into_the_same_function():
+    unet, (x, t, context) = unet_and_inputs()
+    with torch.no_grad():
+        before = unet(x, t, encoder_hidden_states=context).sample
+    wrapped = add_lora(unet, rank=2, alpha=4)
+    assert wrapped == sum(isinstance(m, LoRALinear) for m in unet.modules()) > 0
+    trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n or n.startswith("conv_in.") for n in trainable)
+    assert {"conv_in.weight", "conv_in.bias"} <= trainable
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t, encoder_hidden_states=context).sample, before)  # B = 0 at the start
+        for m in unet.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.weight.normal_(0, 0.05)
+        adapted = unet(x, t, encoder_hidden_states=context).sample
+        assert (adapted - before).abs().max() > 1e-3
+        assert merge_lora(unet) == wrapped and not any(isinstance(m, LoRALinear) for m in unet.modules())
+        torch.testing.assert_close(unet(x, t, encoder_hidden_states=context).sample, adapted, atol=1e-5, rtol=1e-4)
+
+
+def test_targets_that_name_nothing_are_refused():
+    unet, _ = unet_and_inputs()
+    with pytest.raises(ValueError, match=r"train.lora_targets=\['to_nothing'\] names no linear layer"):
+        add_lora(unet, rank=2, targets=["to_nothing"])
+
+
+def overrides(out, data_dir, *extra):
+    return [f"output_dir={out}", "model.pretrained=tiny", f"data.path={data_dir}", "data.resolution=16",
+            "data.random_resize=[16,20]", "data.num_workers=0", "train.batch_size=4", "train.max_steps=4",
+            "train.lr=1e-2", "train.checkpoint_every=2", "train.log_every=1", "trackers=[]",
+            "train.final_single_file=false", "train.lora_rank=2", *extra]
+
+
+def test_lora_run_trains_only_adapters_and_conv_in_exports_a_whole_model_and_resumes(tmp_path, data_dir):
+    full = tmp_path / "full"
+    assert train.main(overrides(full, data_dir)) == 0
+    exported = load_file(full / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    base_unet = load_components("tiny")[0]["unet"]
+    expand_conv_in(base_unet, 4)
+    base_weights = base_unet.state_dict()
+    assert exported.keys() == base_weights.keys()  # merged: no adapter tensors, the base's own layout
+    changed = {k for k in exported if not torch.equal(exported[k], base_weights[k].to(exported[k].dtype))}
+    assert "conv_in.weight" in changed and any(".to_q." in k for k in changed)
+    assert all(k.startswith("conv_in.") or any(f".{t}." in k for t in ("to_q", "to_k", "to_v", "to_out"))
+               for k in changed), sorted(changed)
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(full / "final")
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("x", image=torch.rand(1, 3, 16, 16), num_inference_steps=2, output_type="pt").images
+    assert torch.isfinite(image).all()
+    # Checkpoints keep the adapters apart, and a resumed run ends where the uninterrupted one did.
+    assert any(".lora_A." in k for k in load_file(full / "checkpoints" / "step-000004" / "model.safetensors"))
+    part = tmp_path / "part"
+    assert train.main(overrides(part, data_dir, "train.max_steps=2")) == 0
+    assert train.main(overrides(part, data_dir, "resume=latest")) == 0
+    again = load_file(part / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert max((again[k].float() - exported[k].float()).abs().max().item() for k in exported) <= 1e-6
+
+
+def test_resuming_a_lora_run_as_a_full_one_is_explained(tmp_path, data_dir, caplog):
+    out = tmp_path / "run"
+    assert train.main(overrides(out, data_dir, "train.max_steps=2")) == 0
+    assert train.main(overrides(out, data_dir, "train.lora_rank=0", "resume=latest")) == 2
+    assert "train.lora_rank" in caplog.text
+
+
+def test_two_processes_train_the_same_adapters_as_one(tmp_path, data_dir):
+    """torchrun (gloo, 2 CPU processes, half the batch each): DDP with a frozen UNet and trained adapters."""
+    import subprocess
+    import sys
+
+    from test_training import ROOT, _env, _free_port
+
+    def weights(run):
+        return load_file(run / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+
+    common = ("train.max_steps=2", "train.checkpoint_every=0", "train.lr=1e-3", "train.adam_eps=1e-4")
+    one = tmp_path / "one"
+    assert train.main(overrides(one, data_dir, *common)) == 0
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(ROOT / "train.py"), *overrides(two, data_dir, *common, "train.batch_size=2")]
+    result = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = weights(one), weights(two)
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-5
