@@ -108,18 +108,18 @@ def test_time_budget_plan_on_hand_made_costs():
 def test_time_budget_shortens_training_and_the_sweep(tmp_path, caplog):
     caplog.set_level("INFO")
     out = tmp_path / "run"
-    # 3 seconds: far less than the quick run needs, so training gets the floor and the sweep its minimum.
-    assert demo.main(["--quick", "--output", str(out), "--max-minutes", "0.05"]) == 0
+    # 0.3 seconds: far less than the quick run needs, so training gets the floor and the sweep its minimum.
+    assert demo.main(["--quick", "--output", str(out), "--max-minutes", "0.005"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     plan = metrics["budget"]
-    assert plan["max_minutes"] == 0.05 and plan["train_max_minutes"] == 1.0
+    assert plan["max_minutes"] == 0.005 and plan["train_max_minutes"] == 1.0
     assert plan["edit_seconds"]["per_step"] > 0 and plan["edit_seconds"]["fixed"] >= 0
     assert metrics["training"]["max_minutes"] == 1.0  # what training ran under (demo-quick.yaml has no budget)
     quick = demo.DEMOS["quick"]
     assert plan["sweep_examples"] == metrics["sweep"]["examples"] == quick.sweep_min_examples < quick.sweep_examples
     assert "plan" in metrics["timings"]
     assert "the sweep takes 2 of its 6 examples" in caplog.text
-    assert demo._summary_line(metrics).endswith("(over the 0.05-minute budget)")
+    assert demo._summary_line(metrics).endswith("(over the 0.005-minute budget)")
     with pytest.raises(SystemExit) as exit_info:
         demo.main(["--quick", "--output", str(out), "--max-minutes", "-1"])
     assert exit_info.value.code == 2
