@@ -92,21 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     import numpy as np
-    from diffusers import StableDiffusionInstructPix2PixPipeline
-
     from ip2p import tiny
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "editor"
-        if args.layout == "sd15":
-            c = tiny.sd15_random_components(in_channels=8)
-            StableDiffusionInstructPix2PixPipeline(
-                vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=c.scheduler,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            ).save_pretrained(folder)
-            del c
-        else:
-            tiny.save_tiny_pipeline(folder, layout=args.layout, in_channels=8)
+        folder = tiny.save_tiny_pipeline(Path(tmp) / "editor", layout=args.layout, in_channels=8)
         results = {}
         for mode in ("default", "low"):
             out = str(Path(tmp) / f"{mode}.npy")

@@ -59,14 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if args.checkpoint:
             folder = args.checkpoint
-        elif args.layout == "sd15":
-            c = tiny.sd15_random_components(in_channels=8)
-            folder = Path(tmp) / "editor"
-            StableDiffusionInstructPix2PixPipeline(
-                vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=c.scheduler,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            ).save_pretrained(folder)
-            del c
         else:
             folder = tiny.save_tiny_pipeline(Path(tmp) / "editor", layout=args.layout)
         pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)

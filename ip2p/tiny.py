@@ -231,10 +231,12 @@ def save_tiny_pipeline(out_dir: str | os.PathLike, layout: str = "small", in_cha
     """Write a diffusers pipeline folder (safetensors) holding tiny random components; returns its path.
 
     ``in_channels=8`` writes an InstructPix2Pix pipeline, 4 a plain Stable Diffusion one (a base to fine-tune).
+    ``layout="sd15"`` writes Stable Diffusion 1.5's architecture instead (``sd15_random_components``, for benchmarks).
     """
     from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
 
-    c = tiny_components(layout, in_channels=in_channels, seed=seed)
+    c = (sd15_random_components(in_channels, seed) if layout == "sd15"
+         else tiny_components(layout, in_channels=in_channels, seed=seed))
     cls = StableDiffusionInstructPix2PixPipeline if in_channels == 8 else StableDiffusionPipeline
     pipe = cls(
         vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=c.scheduler,
