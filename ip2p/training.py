@@ -648,12 +648,21 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore the training state from ``path``; a damaged checkpoint is a ValueError naming it, one saved with
-        settings this run cannot load (train.ema, the model) a ConfigError saying which."""
+        settings this run cannot load (train.ema, train.lora_alpha, the model) a ConfigError saying which."""
         saved = self._saved_settings(path)
         if saved.get("train.ema", self.cfg.train.ema) != self.cfg.train.ema:
             raise cfgmod.ConfigError(f"checkpoint {path} was saved with train.ema={str(saved['train.ema']).lower()}; "
                                      "resume with the same value (the EMA state cannot be added or dropped "
                                      "mid-run), or start a new output_dir")
+        t = self.cfg.train
+        if t.lora_rank and saved.get("train.lora_rank") == t.lora_rank:
+            # The state loads with any alpha, but alpha / rank scales what the adapters add: another value changes
+            # the saved model's output at once (0 means alpha = rank).
+            was = saved.get("train.lora_alpha") or t.lora_rank
+            if was != (t.lora_alpha or t.lora_rank):
+                raise cfgmod.ConfigError(f"checkpoint {path} was saved with train.lora_alpha={was:g} (rank "
+                                         f"{t.lora_rank}); resume with the same value (alpha scales the adapters' "
+                                         "output: another one changes the model), or start a new output_dir")
         try:
             state = json.loads((path / "ip2p_state.json").read_text())
             step = int(state["step"])
@@ -695,7 +704,7 @@ class Trainer:
             saved = cfgmod.load_config(path / "config.yaml")
         except Exception:  # a damaged or foreign config: load_state will say what is wrong with the checkpoint
             return {}
-        return {key: cfgmod.setting(saved, key) for key in ("train.ema", *_STATE_SHAPING)}
+        return {key: cfgmod.setting(saved, key) for key in ("train.ema", "train.lora_alpha", *_STATE_SHAPING)}
 
     def _apply_hyperparameters(self) -> None:
         """Give the loaded optimizer and LR schedule this run's hyperparameters: their saved states carry the old

@@ -124,3 +124,12 @@ def test_two_processes_train_the_same_adapters_as_one(tmp_path, data_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = weights(one), weights(two)
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-5
+
+
+def test_resuming_with_another_alpha_is_refused_and_the_same_scale_resumes(tmp_path, data_dir, caplog):
+    """alpha / rank scales what the adapters add: another alpha changes the saved model's function at once."""
+    out = tmp_path / "run"
+    assert train.main(overrides(out, data_dir, "train.max_steps=2")) == 0
+    assert train.main(overrides(out, data_dir, "train.lora_alpha=8", "resume=latest")) == 2
+    assert "train.lora_alpha" in caplog.text
+    assert train.main(overrides(out, data_dir, "train.lora_alpha=2", "resume=latest")) == 0  # 0 means alpha = rank
