@@ -56,15 +56,17 @@ def _number(request: dict, key: str, default: float, *, integer: bool = False, l
     value = request.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
-        kind = "an integer" if integer else "a number"
-        raise RequestError(f"{key}={value!r} must be {kind}")
-    if not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"{key}={value!r} must be {'an integer' if integer else 'a number'}")
+    # float() of an int past 1e308 overflows (and so does math.isfinite); Python compares ints with floats exactly.
+    if abs(value) > sys.float_info.max and not integer or isinstance(value, float) and not math.isfinite(value):
         raise RequestError(f"{key}={value!r} must be a finite number")
+    if integer and isinstance(value, float) and not value.is_integer():
+        raise RequestError(f"{key}={value!r} must be an integer")
     if low is not None and value < low:
-        raise RequestError(f"{key}={value!r} must be at least {low:g}")
+        raise RequestError(f"{key}={value!r} must be at least {low}")
     if high is not None and value > high:
-        raise RequestError(f"{key}={value!r} must be at most {high:g}")
+        raise RequestError(f"{key}={value!r} must be at most {high}")
     return int(value) if integer else float(value)
 
 
@@ -210,7 +212,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._error(HTTPStatus.NOT_FOUND, f"no endpoint {path!r}; POST edits to /edit")
             return
-        if length is None or not length.isdigit():
+        if length is None or not (length.isascii() and length.isdigit()):  # int() fails on e.g. '\xb2' ('²')
             self.close_connection = True
             self._error(HTTPStatus.LENGTH_REQUIRED, "the request needs a Content-Length header")
             return
@@ -226,8 +228,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             request = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            self._error(HTTPStatus.BAD_REQUEST, f"the request is not JSON ({e}); send a JSON object")
+        except (ValueError, RecursionError) as e:  # also an int of over 4300 digits, arrays nested too deep
+            self._error(HTTPStatus.BAD_REQUEST, f"the request is not JSON ({' '.join(str(e).split())}); send a JSON "
+                        "object")
             return
         try:
             self._json(HTTPStatus.OK, service.edit(request))

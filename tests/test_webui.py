@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -46,6 +47,23 @@ def call(url, body=None, raw=None, headers=None):
     except urllib.error.HTTPError as e:
         status, text, kind = e.code, e.read(), e.headers["Content-Type"]
     return status, json.loads(text) if kind == "application/json" else text.decode()
+
+
+def raw(url, data: bytes):
+    """(status, parsed JSON) of a request sent as raw bytes (what urllib would refuse to send)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as connection:
+        connection.sendall(data)
+        connection.shutdown(socket.SHUT_WR)
+        answer = b"".join(iter(lambda: connection.recv(65536), b""))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 "), answer[:300]
+    return int(head.split()[1]), json.loads(body)
+
+
+def post(body: bytes, content_length: bytes | None = None) -> bytes:
+    length = str(len(body)).encode() if content_length is None else content_length
+    return b"POST /edit HTTP/1.1\r\nHost: x\r\nContent-Length: " + length + b"\r\n\r\n" + body
 
 
 def data_url(png: bytes) -> str:
@@ -118,6 +136,22 @@ def test_not_json_unknown_paths_and_oversized_requests(server, monkeypatch):
     monkeypatch.setattr(webui, "MAX_REQUEST_BYTES", 10)
     status, out = call(server + "/edit", {"image": "x" * 20, "instruction": "x"})
     assert status == 413 and "over the limit of 10" in out["error"]
+
+
+def test_numbers_past_float_range_and_unparsable_bodies_are_answered_with_4xx(server, photo_bytes):
+    # Each of these used to end the connection without an answer, or answer 500.
+    body = {"image": data_url(photo_bytes), "instruction": "x"}
+    for key in ("seed", "steps", "resolution", "text_guidance"):
+        status, out = call(server + "/edit", dict(body, **{key: 10**400}))
+        assert status == 400 and f"{key}=1000" in out["error"] and "must be" in out["error"], out
+    status, out = call(server + "/edit", dict(body, seed=2**64))
+    assert status == 400 and "must be at most 18446744073709551615" in out["error"]
+    status, out = raw(server, post(b'{"instruction": "x", "seed": 1' + b"0" * 5000 + b"}"))
+    assert status == 400 and "the request is not JSON" in out["error"] and "\n" not in out["error"]
+    status, out = raw(server, post(b"[" * 100000 + b"]" * 100000))
+    assert status == 400 and "the request is not JSON" in out["error"]
+    status, out = raw(server, post(b"{}", content_length=b"\xb2"))  # latin-1 '2' superscript: isdigit() but not int()
+    assert status == 411 and "Content-Length" in out["error"]
 
 
 def test_a_port_in_use_fails_before_the_model_loads(caplog, monkeypatch):
