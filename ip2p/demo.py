@@ -139,12 +139,10 @@ def after_training_seconds(settings: DemoSettings, cost: EditCost, margin: float
 def training_minutes(budget_seconds: float, elapsed: float, after_training: float, cap: float,
                      floor: float = 1.0) -> float:
     """``train.max_minutes`` for a run that has ``budget_seconds`` in all, has spent ``elapsed`` and needs
-    ``after_training`` seconds after training: the time left, within ``cap`` (the config's own budget, 0 for none), and
-    at least ``floor`` minutes (a machine too slow for the budget still trains a little)."""
-    left = (budget_seconds - elapsed - after_training) / 60
-    if cap:
-        left = min(left, cap)
-    return round(max(left, floor), 2)
+    ``after_training`` seconds after training: the time left, at least ``floor`` minutes (a machine too slow for the
+    budget still trains a little), and within ``cap`` (the config's own budget, 0 for none; it wins over the floor)."""
+    minutes = max(round((budget_seconds - elapsed - after_training) / 60, 2), floor)
+    return min(minutes, cap) if cap else minutes
 
 
 def sweep_size(seconds_left: float, seconds_per_example: float, wanted: int, minimum: int) -> int:

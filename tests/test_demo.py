@@ -99,6 +99,10 @@ def test_time_budget_plan_on_hand_made_costs():
     assert demo.training_minutes(900, 60, 100, cap=10.5) == 10.5  # never longer than the config's own budget
     assert demo.training_minutes(900, 60, 100, cap=0) == 12.33  # a config without one gets the time left
     assert demo.training_minutes(900, 100, 1000, cap=10.5) == 1.0  # too slow a machine still trains a little
+    # ... but never longer than the config's own budget (train.max_minutes=0.5 trained a whole minute), and never
+    # rounded to 0, which would mean no budget at all.
+    assert demo.training_minutes(900, 100, 1000, cap=0.5) == demo.training_minutes(900, 60, 100, cap=0.5) == 0.5
+    assert demo.training_minutes(900, 100, 1000, cap=0.001) == 0.001
     assert demo.sweep_size(100, 10, wanted=24, minimum=6) == 10
     assert demo.sweep_size(1000, 10, wanted=24, minimum=6) == 24
     assert demo.sweep_size(-5, 10, wanted=24, minimum=6) == 6
