@@ -192,6 +192,22 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: HTTPStatus, message: str) -> None:
         self._json(status, {"error": message})
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The base class's answer to a request it cannot parse or route (a garbled request line, a method other than
+        GET and POST, too long a line or too many headers), as one-line JSON instead of an HTML page."""
+        self.close_connection = True
+        text = " ".join((message or self.responses.get(code, ("error",))[0]).split())
+        if code == HTTPStatus.NOT_IMPLEMENTED and self.command:
+            text = f"method {self.command} is not supported; GET / or /info, POST /edit"
+        body = json.dumps({"error": text}).encode("utf-8")
+        self.send_response(code)
+        self.send_header("Connection", "close")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
     def do_GET(self) -> None:  # noqa: N802 - the base class's name
         path = self.path.partition("?")[0]
         if path in ("/", "/index.html"):

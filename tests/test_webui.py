@@ -58,7 +58,7 @@ def raw(url, data: bytes):
         answer = b"".join(iter(lambda: connection.recv(65536), b""))
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 "), answer[:300]
-    return int(head.split()[1]), json.loads(body)
+    return int(head.split()[1]), json.loads(body) if body else None
 
 
 def post(body: bytes, content_length: bytes | None = None) -> bytes:
@@ -152,6 +152,22 @@ def test_numbers_past_float_range_and_unparsable_bodies_are_answered_with_4xx(se
     assert status == 400 and "the request is not JSON" in out["error"]
     status, out = raw(server, post(b"{}", content_length=b"\xb2"))  # latin-1 '2' superscript: isdigit() but not int()
     assert status == 411 and "Content-Length" in out["error"]
+
+
+@pytest.mark.parametrize("request_bytes, status, message", [
+    (b"PUT /edit HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 501, "method PUT is not supported"),
+    (b"OPTIONS / HTTP/1.1\r\n\r\n", 501, "method OPTIONS is not supported"),
+    (b"GET / extra HTTP/1.1\r\n\r\n", 400, "Bad request syntax"),
+    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414, "Request-URI Too Long"),
+    (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(200)) + b"\r\n", 431, "Too many headers"),
+], ids=["put", "options", "garbled", "long-line", "many-headers"])
+def test_requests_http_server_cannot_route_get_one_line_json_too(server, request_bytes, status, message):
+    got, out = raw(server, request_bytes)
+    assert got == status and message in out["error"] and "\n" not in out["error"], out  # not the base class's HTML
+
+
+def test_head_gets_the_status_and_no_body(server):
+    assert raw(server, b"HEAD / HTTP/1.1\r\n\r\n") == (501, None)
 
 
 def test_a_port_in_use_fails_before_the_model_loads(caplog, monkeypatch):
