@@ -210,6 +210,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - the base class's name
         path = self.path.partition("?")[0]
+        if self.headers.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in self.headers:
+            self.close_connection = True  # a body is not read: left in the stream, it would be the next "request"
         if path in ("/", "/index.html"):
             self._send(HTTPStatus.OK, PAGE.encode("utf-8"), "text/html; charset=utf-8")
         elif path == "/info":
@@ -231,6 +233,11 @@ class _Handler(BaseHTTPRequestHandler):
         if length is None or not (length.isascii() and length.isdigit()):  # int() fails on e.g. '\xb2' ('²')
             self.close_connection = True
             self._error(HTTPStatus.LENGTH_REQUIRED, "the request needs a Content-Length header")
+            return
+        if "Transfer-Encoding" in self.headers:  # it overrides Content-Length (RFC 9112), and is not read here
+            self.close_connection = True
+            self._error(HTTPStatus.BAD_REQUEST, "send the request with a Content-Length header and no "
+                        "Transfer-Encoding (the body is not chunked)")
             return
         if int(length) > MAX_REQUEST_BYTES:
             self.close_connection = True  # the body is not read: the connection cannot be reused

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import re
 import socket
 import threading
 import urllib.error
@@ -49,13 +50,18 @@ def call(url, body=None, raw=None, headers=None):
     return status, json.loads(text) if kind == "application/json" else text.decode()
 
 
-def raw(url, data: bytes):
-    """(status, parsed JSON) of a request sent as raw bytes (what urllib would refuse to send)."""
+def raw_answer(url, data: bytes) -> bytes:
+    """Everything the server answers to ``data`` sent as raw bytes on one connection, until it closes it."""
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=60) as connection:
         connection.sendall(data)
         connection.shutdown(socket.SHUT_WR)
-        answer = b"".join(iter(lambda: connection.recv(65536), b""))
+        return b"".join(iter(lambda: connection.recv(65536), b""))
+
+
+def raw(url, data: bytes):
+    """(status, parsed JSON) of a request sent as raw bytes (what urllib would refuse to send)."""
+    answer = raw_answer(url, data)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 "), answer[:300]
     return int(head.split()[1]), json.loads(body) if body else None
@@ -168,6 +174,17 @@ def test_requests_http_server_cannot_route_get_one_line_json_too(server, request
 
 def test_head_gets_the_status_and_no_body(server):
     assert raw(server, b"HEAD / HTTP/1.1\r\n\r\n") == (501, None)
+
+
+def test_a_body_the_server_does_not_read_is_never_taken_for_the_next_request(server):
+    # A GET's body, then a second GET on the same connection: "helloGET /info ..." must not be served (nor refused).
+    answer = raw_answer(server, b"GET /info HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
+                                b"GET /info HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert re.findall(rb"HTTP/1.1 (\d+) ", answer)[1:] in ([], [b"200"]), answer
+    # Chunked framing overrides Content-Length: reading 2 bytes of it would serve the rest as a smuggled request.
+    answer = raw_answer(server, b"POST /edit HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}"
+                                b"GET /info HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert re.findall(rb"HTTP/1.1 (\d+) ", answer) == [b"400"] and b"Transfer-Encoding" in answer, answer
 
 
 def test_a_port_in_use_fails_before_the_model_loads(caplog, monkeypatch):
