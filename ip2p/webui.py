@@ -113,7 +113,8 @@ class EditorService:
 
         return {"checkpoint": self.checkpoint, "scheduler": self.scheduler_name, "multiple": self.multiple,
                 "device": str(self.model.device), "defaults": self.defaults,
-                "random_text_guidance": list(RANDOM_TEXT_GUIDANCE), "random_image_guidance": list(RANDOM_IMAGE_GUIDANCE)}
+                "random_text_guidance": list(RANDOM_TEXT_GUIDANCE),
+                "random_image_guidance": list(RANDOM_IMAGE_GUIDANCE)}
 
     def edit(self, request: Any) -> dict[str, Any]:
         """Serve one ``POST /edit`` body (already parsed JSON); raises ``RequestError`` for a bad one."""
@@ -140,7 +141,10 @@ class EditorService:
         seed = request.get("seed")
         seed = secrets.randbelow(2**31) if seed is None else _number(request, "seed", 0, integer=True, low=0,
                                                                       high=2**64 - 1)
-        if request.get("randomize_cfg"):
+        randomize_cfg = request.get("randomize_cfg")
+        if randomize_cfg is not None and not isinstance(randomize_cfg, bool):  # "false" is truthy
+            raise RequestError(f"randomize_cfg={randomize_cfg!r} must be true or false")
+        if randomize_cfg:
             text_guidance = round(self._draws.uniform(*RANDOM_TEXT_GUIDANCE), 2)
             image_guidance = round(self._draws.uniform(*RANDOM_IMAGE_GUIDANCE), 2)
         else:
