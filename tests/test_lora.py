@@ -1,7 +1,5 @@
 """LoRA fine-tuning (train.lora_rank): adapters on the attention projections plus the whole conv_in, merged on export."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from diffusers import StableDiffusionInstructPix2PixPipeline
@@ -9,7 +7,6 @@ from safetensors.torch import load_file
 
 import train
 from ip2p import tiny
-from ip2p.config import ConfigError
 from ip2p.lora import LoRALinear, add_lora, merge_lora
 from ip2p.models import expand_conv_in, load_components
 
