@@ -149,10 +149,20 @@ def parse_scales(text: str, flag: str) -> list[float]:
     return values
 
 
+def check_text(text: str, name: str) -> None:
+    """Refuse an instruction with lone surrogates (how Python reads command-line bytes that are not UTF-8, and what
+    JSON's "\\ud800" decodes to): the tokenizer fails on them with a TypeError that names nothing."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} {text!r} is not valid UTF-8 text; pass it in UTF-8") from None
+
+
 def read_instructions(args: argparse.Namespace) -> list[str]:
     if args.instruction is not None:
         if not args.instruction.strip():
             raise ValueError("--instruction is empty; say what to change, e.g. --instruction 'make it winter'")
+        check_text(args.instruction, "--instruction")
         return [args.instruction]
     path = Path(args.instructions_file)
     if path.is_dir():

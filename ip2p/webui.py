@@ -121,7 +121,7 @@ class EditorService:
         import torch
 
         from ip2p import images as img
-        from ip2p.inference import RANDOM_IMAGE_GUIDANCE, RANDOM_TEXT_GUIDANCE
+        from ip2p.inference import RANDOM_IMAGE_GUIDANCE, RANDOM_TEXT_GUIDANCE, check_text
         from ip2p.sampling import edit
 
         if not isinstance(request, dict):
@@ -129,6 +129,10 @@ class EditorService:
         instruction = request.get("instruction")
         if not isinstance(instruction, str) or not instruction.strip():
             raise RequestError("instruction is missing or empty; say what to change, e.g. 'make it winter'")
+        try:
+            check_text(instruction, "instruction")
+        except ValueError as e:
+            raise RequestError(str(e)) from None
         if len(instruction) > MAX_INSTRUCTION_CHARS:
             raise RequestError(f"instruction has {len(instruction)} characters; keep it under "
                                f"{MAX_INSTRUCTION_CHARS}")

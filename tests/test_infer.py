@@ -171,6 +171,7 @@ def test_infer_script_keeps_the_matmul_precision_diffusers_runs_with(monkeypatch
 @pytest.mark.parametrize("extra, message", [
     ({"--image": "missing.png"}, "missing.png"),
     ({"--instruction": " "}, "--instruction is empty"),
+    ({"--instruction": "a\udcffb"}, "--instruction 'a\\udcffb' is not valid UTF-8 text"),  # argv bytes b"a\xffb"
     ({"--device": "cuda"}, "--device cuda: PyTorch sees"),
     ({"--device": "gpu"}, "'gpu' is not a device name"),
     ({"--steps": "0"}, "--steps 0"),

@@ -128,6 +128,7 @@ def test_random_seed_and_cfg_are_reported(server, photo_bytes):
     ({"image": "IMAGE", "instruction": "x", "resolution": 16000}, "over the limit of"),
     (["not", "an", "object"], "must be a JSON object"),
     ({"image": "IMAGE", "instruction": "x", "randomize_cfg": "false"}, "randomize_cfg='false' must be true or false"),
+    ({"image": "IMAGE", "instruction": "a\ud800"}, "instruction 'a\\ud800' is not valid UTF-8 text"),
 ])
 def test_bad_requests_are_one_line_4xx_errors(server, photo_bytes, body, message):
     if isinstance(body, dict) and body.get("image") == "IMAGE":
