@@ -94,6 +94,21 @@ def test_infer_randomize_cfg_gives_each_output_scales_its_sidecar_reproduces(tin
         [r["text_guidance"] for r in records]
 
 
+def test_a_keep_size_sidecar_says_so_and_reproduces_its_image(tiny_editor_dir, photo, tmp_path):
+    common = ["--checkpoint", str(tiny_editor_dir), "--image", str(photo), "--instruction", "x", "--steps", "1",
+              "--resolution", "16", "--quiet"]
+    assert infer.main(common + ["--output", str(tmp_path / "r"), "--seed", "3", "--num-images", "2",
+                                "--randomize-cfg", "--keep-size"]) == 0
+    first = sorted((tmp_path / "r").glob("*.png"))[0]
+    record = json.loads(first.with_suffix(".json").read_text())
+    assert record["keep_size"] is True and record["model_size"] == [16, 12]
+    again = tmp_path / "again.png"
+    assert infer.main(common + ["--output", str(again), "--seed", str(record["seed"]), "--text-guidance",
+                                str(record["text_guidance"]), "--image-guidance", str(record["image_guidance"]),
+                                *(["--keep-size"] if record["keep_size"] else [])]) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(first)))
+
+
 def test_infer_randomize_cfg_with_sweep_is_a_one_line_error(photo, tmp_path, caplog):
     assert infer.main(["--image", str(photo), "--instruction", "x", "--output", str(tmp_path / "o.png"), "--sweep",
                        "--randomize-cfg"]) == 2
