@@ -432,8 +432,8 @@ $('form').addEventListener('submit', async ev => {
     $('again').hidden = false;
     for (const k of ['seed', 'text_guidance', 'image_guidance']) $(k).value = out[k];
     $('caption').textContent = '"' + out.instruction + '": s_T=' + out.text_guidance + ', s_I=' +
-      out.image_guidance + ', seed ' + out.seed + ', ' + out.steps + ' ' + out.scheduler + ' steps, ' +
-      out.size.join('x') + ' (' + out.seconds + ' s)';
+      out.image_guidance + ', seed ' + out.seed + ', ' + out.steps + ' ' + out.scheduler + ' steps, resolution ' +
+      out.resolution + ', ' + out.size.join('x') + ' (' + out.seconds + ' s)';
   } catch (e) { $('error').textContent = 'The server did not answer (' + e + '); is it still running?'; }
   finally { $('go').disabled = false; $('status').textContent = ''; }
 });

@@ -4,7 +4,9 @@ import base64
 import io
 import json
 import re
+import shutil
 import socket
+import subprocess
 import threading
 import urllib.error
 import urllib.request
@@ -101,6 +103,35 @@ def test_an_edit_is_the_picture_infer_py_makes_with_the_same_settings(server, ti
                        "1.3", "--resolution", "32", "--output", str(tmp_path / "out.png"), "--quiet"]) == 0
     assert np.array_equal(decode(out["image"]), np.asarray(Image.open(tmp_path / "out.png")))
     assert out["size"] == [32, 24]
+
+
+PAGE_HARNESS = r"""
+const els = {};
+const el = id => els[id] || (els[id] = {value: '', checked: id === 'randomize_seed', textContent: '', files: [{}],
+  listeners: {}, addEventListener(type, f) { this.listeners[type] = f; }});
+global.document = {getElementById: el};
+global.FileReader = class { readAsDataURL() { this.result = 'data:image/png;base64,AAAA'; this.onload(); } };
+global.fetch = async url => url === '/info' ? {ok: false, json: async () => ({error: 'loading'})}
+  : {ok: true, json: async () => JSON.parse(process.argv[1])};
+eval(require('fs').readFileSync(0, 'utf8'));
+el('file').listeners.change();
+el('instruction').value = 'make it winter';
+el('form').listeners.submit({preventDefault() {}}).then(() => console.log(el('caption').textContent));
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's script")
+def test_the_page_shows_every_setting_infer_py_needs(server, photo_bytes):
+    """The page's script, run by node against a stand-in DOM: the caption under an edit names every setting that
+    ``infer.py`` needs to make the same picture, the resolution included."""
+    status, out = call(server + "/edit", {"image": data_url(photo_bytes), "instruction": "make it winter", "seed": 7,
+                                          "resolution": 0})
+    assert status == 200, out
+    script = webui.PAGE.partition("<script>")[2].partition("</script>")[0]
+    caption = subprocess.run(["node", "-e", PAGE_HARNESS, "--", json.dumps(out)], input=script, text=True,
+                             capture_output=True, check=True, timeout=60).stdout
+    for setting in ("s_T=7.5", "s_I=1.5", "seed 7", "2 euler_a steps", "resolution 0", "32x24"):
+        assert setting in caption, caption
 
 
 def test_random_seed_and_cfg_are_reported(server, photo_bytes):
