@@ -338,6 +338,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.edit_weight={cfg.train.edit_weight} must be >= 0 (0: the plain mean)")
     if cfg.train.edit_threshold <= 0:
         raise ConfigError(f"train.edit_threshold={cfg.train.edit_threshold} must be positive")
+    if cfg.train.lora_rank and not cfg.train.lora_targets:
+        raise ConfigError("train.lora_targets is empty; name the linear layers that get adapters, e.g. "
+                          "[to_q, to_k, to_v, to_out.0], or set train.lora_rank=0 to train the whole UNet")
     lo_hi = cfg.data.random_resize
     if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1] or lo_hi[0] < cfg.data.resolution:
         raise ConfigError(f"data.random_resize={lo_hi} must be [lo, hi] with data.resolution "

@@ -281,10 +281,12 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
         logger.info("time budget %g min: an edit costs %.3f s + %.3f s per step here, so evaluation and the sweep "
                     "need about %.0f s; training may take %g min (config: %g)", settings.max_minutes, cost.fixed,
                     cost.per_step, after, minutes, cfg.train.max_minutes)
+        shortened = not cfg.train.max_minutes or minutes < cfg.train.max_minutes
         cfg.train.max_minutes = minutes
         plan = {"max_minutes": settings.max_minutes, "edit_seconds": {"fixed": round(cost.fixed, 5),
                                                                       "per_step": round(cost.per_step, 5)},
-                "after_training_seconds": round(after, 1), "train_max_minutes": minutes}
+                "after_training_seconds": round(after, 1), "train_max_minutes": minutes,
+                "training_shortened": shortened}
         t = lap("plan", t)
 
     logger.info("3/6 training (%s: %d steps of %d) -> %s", config_path, cfg.train.max_steps, cfg.train.batch_size,
@@ -292,13 +294,16 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
     final = train(cfg)
     steps = read_ip2p_meta(final).get("ip2p_config", {}).get("step", cfg.train.max_steps)
     if steps < cfg.train.max_steps:
-        why = f"the share of the {settings.max_minutes:g}-minute budget left for training; " if plan else ""
-        logger.warning("training stopped at step %d of %d: train.max_minutes=%g (%sthis machine is slower than the "
-                       "one the demo was sized on); the numbers below are for %d steps", steps, cfg.train.max_steps,
-                       cfg.train.max_minutes, why, steps)
+        why = (f"the share of the {settings.max_minutes:g}-minute budget left for training: this machine is slower "
+               "than the one the demo was sized on" if plan.get("training_shortened")
+               else "the config's own limit")
+        logger.warning("training stopped at step %d of %d: train.max_minutes=%g (%s); the numbers below are for %d "
+                       "steps", steps, cfg.train.max_steps, cfg.train.max_minutes, why, steps)
     t = lap("train", t)
 
     model = load_editor(final, expand=False, device=eval_device)
+    if settings.scheduler is None:  # the trained model's own prediction type decides (a config may leave it unset)
+        sampling["scheduler"] = default_scheduler(model.scheduler.config.get("prediction_type"))
     logger.info("4/6 evaluating both test splits (%s)", sampling)
     metrics: dict[str, Any] = {}
     examples, outputs = {}, {}
@@ -343,7 +348,7 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
     write_json(rows, out / "sweep.json")
     write_table(rows, out / "sweep.csv")
     plot_sweep(rows, out / "sweep.png", title=f"guidance sweep: {len(sweep_examples)} held-out-combination edits, "
-                                                 f"{settings.sweep_steps} {scheduler} steps")
+                                                 f"{settings.sweep_steps} {sampling['scheduler']} steps")
     lap("sweep", t)
 
     metrics.update({

@@ -407,9 +407,10 @@ class Trainer:
             from ip2p.lora import add_lora
 
             wrapped = add_lora(unet, cfg.train.lora_rank, cfg.train.lora_alpha, cfg.train.lora_targets)
-            logger.info("LoRA rank %d on %d layers and the whole conv_in: %d of %d UNet parameters train",
-                        cfg.train.lora_rank, wrapped, sum(p.numel() for p in _trainable(unet)),
-                        sum(p.numel() for p in unet.parameters()))
+            log = logger.info if acc.is_main_process else logger.debug  # once per run, not once per process
+            log("LoRA rank %d on %d layers and the whole conv_in: %d of %d UNet parameters train",
+                cfg.train.lora_rank, wrapped, sum(p.numel() for p in _trainable(unet)),
+                sum(p.numel() for p in unet.parameters()))
         _set_attention(unet, cfg.model.attention)
         if cfg.model.gradient_checkpointing:
             unet.enable_gradient_checkpointing()

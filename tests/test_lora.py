@@ -130,3 +130,10 @@ def test_resuming_with_another_alpha_is_refused_and_the_same_scale_resumes(tmp_p
     assert train.main(overrides(out, data_dir, "train.lora_alpha=8", "resume=latest")) == 2
     assert "train.lora_alpha" in caplog.text
     assert train.main(overrides(out, data_dir, "train.lora_alpha=2", "resume=latest")) == 0  # 0 means alpha = rank
+
+
+def test_an_empty_target_list_fails_when_the_config_loads():
+    from ip2p.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.lora_targets is empty"):
+        load_config(None, ["model.pretrained=tiny", "train.lora_rank=2", "train.lora_targets=[]"])
