@@ -9,23 +9,7 @@ import train
 from ip2p import tiny
 from ip2p.lora import LoRALinear, add_lora, merge_lora
 from ip2p.models import expand_conv_in, load_components
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from ip2p.synthetic import write_dataset
-
-    return write_dataset(tmp_path_factory.mktemp("data") / "synthetic", n_train=32, n_test=4, seed=0, size=32)
+from test_training import _fresh_accelerate_state, data_dir  # noqa: F401 (fixtures: a clean accelerate state, data)
 
 
 def unet_and_inputs():
