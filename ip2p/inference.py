@@ -353,7 +353,7 @@ def run(args: argparse.Namespace) -> int:
                                           image_guidance=args.image_guidance, num_images=args.num_images, index=k))
     written = sum(len(j.outputs) for j in jobs if j.image_path not in unreadable)
     logger.info("wrote %d file(s): %s", written,
-                jobs[0].outputs[0] if len(jobs) == 1 else Path(jobs[0].outputs[0]).parent)
+                jobs[0].outputs[0] if len(jobs) == 1 == len(jobs[0].outputs) else jobs[0].outputs[0].parent)
     if unreadable:
         logger.error("error: skipped %d of %d input images that could not be used: %s", len(unreadable), len(paths),
                      ", ".join(str(p) for p in unreadable))

@@ -1,6 +1,7 @@
 """infer.py end to end: same picture as diffusers, many inputs, sweeps, sidecars, clear errors."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -94,11 +95,13 @@ def test_infer_randomize_cfg_gives_each_output_scales_its_sidecar_reproduces(tin
         [r["text_guidance"] for r in records]
 
 
-def test_a_keep_size_sidecar_says_so_and_reproduces_its_image(tiny_editor_dir, photo, tmp_path):
+def test_a_keep_size_sidecar_says_so_and_reproduces_its_image(tiny_editor_dir, photo, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="ip2p.inference")
     common = ["--checkpoint", str(tiny_editor_dir), "--image", str(photo), "--instruction", "x", "--steps", "1",
               "--resolution", "16", "--quiet"]
     assert infer.main(common + ["--output", str(tmp_path / "r"), "--seed", "3", "--num-images", "2",
                                 "--randomize-cfg", "--keep-size"]) == 0
+    assert f"wrote 2 file(s): {tmp_path / 'r'}\n" in caplog.text  # the folder, not its first file
     first = sorted((tmp_path / "r").glob("*.png"))[0]
     record = json.loads(first.with_suffix(".json").read_text())
     assert record["keep_size"] is True and record["model_size"] == [16, 12]
