@@ -296,8 +296,9 @@ def run(args: argparse.Namespace) -> int:
                          "or 0 to keep the input size")
 
     settings = dict(checkpoint=str(args.checkpoint), steps=args.steps, scheduler=args.scheduler, seed=seed,
-                    resolution=args.resolution, multiple=multiple, keep_size=args.keep_size, dtype=str(model.dtype).removeprefix("torch."),
-                    scale_source_latent=model.scale_source_latent, low_memory=args.low_memory,
+                    resolution=args.resolution, multiple=multiple, keep_size=args.keep_size,
+                    dtype=str(model.dtype).removeprefix("torch."), scale_source_latent=model.scale_source_latent,
+                    low_memory=args.low_memory,
                     ip2p_version=ip2p.__version__)
     draws = random.Random(seed)  # --randomize-cfg's scales: the same command draws the same ones
     progress = tqdm(jobs, desc="images", disable=args.quiet or len(jobs) == 1)
