@@ -191,8 +191,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.end_headers()
+            self.wfile.write(body)
+        except ConnectionError:  # the client left (a tab closed mid-edit): no one to answer, nothing went wrong here
+            self.close_connection = True
+            logger.debug("%s left before its answer", self.address_string())
 
     def _json(self, status: HTTPStatus, value: dict) -> None:
         self._send(status, json.dumps(value).encode("utf-8"), "application/json")
@@ -264,13 +268,16 @@ class _Handler(BaseHTTPRequestHandler):
                         "object")
             return
         try:
-            self._json(HTTPStatus.OK, service.edit(request))
+            result = service.edit(request)
         except RequestError as e:
             self._error(e.status, str(e))
+            return
         except Exception as e:  # the server keeps serving; the page shows the reason
             logger.exception("edit failed")
             self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"the edit failed: {type(e).__name__}: "
                         f"{' '.join(str(e).split())}")
+            return
+        self._json(HTTPStatus.OK, result)
 
 
 class _Server(ThreadingHTTPServer):

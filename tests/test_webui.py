@@ -3,11 +3,14 @@
 import base64
 import io
 import json
+import logging
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -218,6 +221,21 @@ def test_a_body_the_server_does_not_read_is_never_taken_for_the_next_request(ser
     answer = raw_answer(server, b"POST /edit HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}"
                                 b"GET /info HTTP/1.1\r\nConnection: close\r\n\r\n")
     assert re.findall(rb"HTTP/1.1 (\d+) ", answer) == [b"400"] and b"Transfer-Encoding" in answer, answer
+
+
+def test_a_client_that_leaves_before_its_answer_is_no_error(server, photo_bytes, caplog, capfd):
+    caplog.set_level(logging.INFO, logger="ip2p.webui")
+    body = json.dumps({"image": data_url(photo_bytes), "instruction": "x", "seed": 1}).encode()
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as connection:
+        connection.sendall(post(body))
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+    deadline = time.monotonic() + 60
+    while ("edited" not in caplog.text or any("process_request" in t.name for t in threading.enumerate())) and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)  # until the server has made the edit and tried to send it
+    assert "edit failed" not in caplog.text and "Traceback" not in capfd.readouterr().err
+    assert call(server + "/edit", json.loads(body))[0] == 200
 
 
 def test_a_port_in_use_fails_before_the_model_loads(caplog, monkeypatch):
