@@ -112,8 +112,8 @@ class EditorService:
         from ip2p.inference import RANDOM_IMAGE_GUIDANCE, RANDOM_TEXT_GUIDANCE
 
         return {"checkpoint": self.checkpoint, "scheduler": self.scheduler_name, "multiple": self.multiple,
-                "device": str(self.model.device), "defaults": self.defaults,
-                "random_text_guidance": list(RANDOM_TEXT_GUIDANCE),
+                "device": str(self.model.device), "low_memory": self.model.unet_batch is not None,
+                "defaults": self.defaults, "random_text_guidance": list(RANDOM_TEXT_GUIDANCE),
                 "random_image_guidance": list(RANDOM_IMAGE_GUIDANCE)}
 
     def edit(self, request: Any) -> dict[str, Any]:
@@ -174,6 +174,7 @@ class EditorService:
         return {"image": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"),
                 "instruction": instruction, "seed": seed, "text_guidance": text_guidance,
                 "image_guidance": image_guidance, "steps": steps, "scheduler": self.scheduler_name,
+                "low_memory": self.model.unet_batch is not None,
                 "resolution": resolution, "size": list(result.size), "seconds": round(seconds, 2)}
 
 
@@ -413,7 +414,7 @@ fetch('/info').then(r => r.json()).then(info => {
   if (info.error) return;
   for (const k of ['steps', 'text_guidance', 'image_guidance', 'resolution']) $(k).value = info.defaults[k];
   $('model').textContent = 'model: ' + info.checkpoint + ' \\u00b7 sampler: ' + info.scheduler + ' \\u00b7 ' +
-    info.device;
+    info.device + (info.low_memory ? ' \\u00b7 low memory' : '');
 });
 $('file').addEventListener('change', () => {
   const f = $('file').files[0]; if (!f) return;

@@ -91,6 +91,7 @@ def test_page_and_info(server, tiny_editor_dir):
     status, info = call(server + "/info")
     assert status == 200 and info["checkpoint"] == str(tiny_editor_dir)
     assert info["defaults"]["steps"] == 2 and info["random_text_guidance"] == [6.0, 9.0]
+    assert info["low_memory"] is False  # infer.py --low-memory differs by rounding: the page says which it runs
 
 
 def test_an_edit_is_the_picture_infer_py_makes_with_the_same_settings(server, tiny_editor_dir, photo_bytes,
