@@ -403,6 +403,11 @@ class Trainer:
         self.latent_channels = int(components["vae"].config.latent_channels)
         # Every rank expands identically (zeros and copies), so all start from the same weights.
         expand_conv_in(unet, self.latent_channels)
+        from ip2p.lora import DEFAULT_TARGETS
+
+        if not cfg.train.lora_rank and (cfg.train.lora_alpha or list(cfg.train.lora_targets) != list(DEFAULT_TARGETS)):
+            logger.warning("train.lora_alpha / train.lora_targets are set but train.lora_rank=0 trains the whole UNet; "
+                           "set train.lora_rank=R for LoRA")
         if cfg.train.lora_rank:
             from ip2p.lora import add_lora
 

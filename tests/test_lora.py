@@ -121,3 +121,9 @@ def test_an_empty_target_list_fails_when_the_config_loads():
 
     with pytest.raises(ConfigError, match="train.lora_targets is empty"):
         load_config(None, ["model.pretrained=tiny", "train.lora_rank=2", "train.lora_targets=[]"])
+
+
+def test_lora_settings_without_a_rank_are_said_to_do_nothing(tmp_path, data_dir, caplog):
+    assert train.main(overrides(tmp_path / "run", data_dir, "train.lora_rank=0", "train.lora_alpha=8",
+                                "train.max_steps=1")) == 0
+    assert "train.lora_rank=0 trains the whole UNet" in caplog.text
