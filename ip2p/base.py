@@ -989,7 +989,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--threads {args.threads} must be at least 1")
         torch.set_num_threads(args.threads)
     if getattr(args, "device", None) is not None:
-        from ip2p.inference import resolve_device
+        from ip2p.devices import resolve_device
 
         try:
             args.device = str(resolve_device(args.device))

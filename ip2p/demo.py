@@ -223,7 +223,7 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
     from ip2p.eval.evaluate import load_examples, run_edits, sampling_settings, score_edits, write_json
     from ip2p.eval.sweep import guidance_sweep, plot_sweep, write_table
     from ip2p.images import save_image
-    from ip2p.inference import resolve_device
+    from ip2p.devices import resolve_device
     from ip2p.models import load_editor, read_ip2p_meta
     from ip2p.sampling import default_scheduler
     from ip2p.training import train

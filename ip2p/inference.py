@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 import ip2p
 from ip2p import atomic
 from ip2p import images as img
+from ip2p.devices import resolve_device
 from ip2p.models import load_editor
 from ip2p.sampling import (
     DEFAULT_IMAGE_GUIDANCE,
@@ -119,22 +120,6 @@ class EditJob:
     image_path: Path
     instruction: str
     outputs: list[Path] = field(default_factory=list)
-
-
-def resolve_device(name: str) -> torch.device:
-    """Pick the device: ``auto`` takes PyTorch's current accelerator (a GPU, MPS, XPU) if any, else the CPU; an
-    explicit one that is missing here is a clear error."""
-    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
-    if name == "auto":
-        return torch.device(accelerator.type) if accelerator is not None else torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device name; use auto, cpu, or e.g. cuda, cuda:1, mps") from None
-    if device.type != "cpu" and (accelerator is None or accelerator.type != device.type):
-        found = f"only {accelerator.type}" if accelerator is not None else "no accelerator"
-        raise ValueError(f"--device {name}: PyTorch sees {found} on this machine; use --device auto, or cpu (slow)")
-    return device
 
 
 def parse_scales(text: str, flag: str) -> list[float]:

@@ -536,3 +536,17 @@ def test_instructions_file_that_is_a_folder_or_a_pipe(tmp_path, kind):
             "make it winter", "turn the cat black"]
     finally:
         writer.join(timeout=10)
+
+
+def test_a_device_index_past_those_pytorch_sees_is_refused(monkeypatch):
+    from ip2p.devices import resolve_device
+
+    # One GPU: cuda and cuda:0 are it, cuda:1 is not there (it failed only after the model had loaded).
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0") and resolve_device("auto") == torch.device("cuda")
+    with pytest.raises(ValueError, match="--device cuda:1: PyTorch sees 1 cuda device"):
+        resolve_device("cuda:1")
+    with pytest.raises(ValueError, match="--device mps: PyTorch sees only cuda"):
+        resolve_device("mps")

@@ -22,27 +22,18 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def _device(name: str | None):
-    """``--device``, else this process's accelerator (``LOCAL_RANK`` picks among several), else the CPU."""
+    """``--device`` (checked by ``ip2p.devices.resolve_device``), else (or ``auto``) this process's accelerator
+    (``LOCAL_RANK`` picks among several), else the CPU."""
     import torch
 
+    from ip2p.devices import resolve_device
+
+    if name and name != "auto":
+        return resolve_device(name)
     accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
-    if not name:
-        if accelerator is None:
-            return torch.device("cpu")
-        return torch.device(accelerator.type, int(os.environ.get("LOCAL_RANK", 0)))
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device name; use cpu, or e.g. cuda, cuda:1, mps") from None
-    if device.type == "cpu":
-        return device
-    # Checked here: moving a model to a missing device fails only after it has loaded, with a traceback.
-    count = torch.accelerator.device_count() if accelerator is not None and accelerator.type == device.type else 0
-    if (device.index or 0) >= count:
-        found = f"{count} {accelerator.type} device(s)" if accelerator is not None else "no accelerator"
-        raise ValueError(f"--device {name}: PyTorch sees {found} on this machine; leave --device out to use this "
-                         "process's accelerator, or pass cpu")
-    return device
+    if accelerator is None:
+        return torch.device("cpu")
+    return torch.device(accelerator.type, int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def _dtype(name: str, device, *, training: bool = False):

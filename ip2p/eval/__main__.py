@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ip2p.atomic import output_folder
     from ip2p.eval.evaluate import clip_scorer, evaluate, load_examples, write_json
     from ip2p.eval.sweep import IMAGE_SCALES, TEXT_SCALES, guidance_sweep, plot_sweep, write_table
-    from ip2p.inference import resolve_device
+    from ip2p.devices import resolve_device
     from ip2p.models import load_editor
 
     splits = args.splits or DEFAULT_SPLITS
