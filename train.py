@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if not cfg.data.path.strip():
-            # Checked here, not deep in training: the base model (minutes for Stable Diffusion) loads before the data.
+            # Checked here, before train() builds the run folder and its accelerator: at the command line the fix is
+            # --config, which the data layer's own "data.path is empty" cannot say.
             raise ConfigError("data.path is empty: pass --config configs/<name>.yaml (e.g. configs/tiny.yaml) or set "
                               "data.path=<dataset>")
         final = train(cfg)

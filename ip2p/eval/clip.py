@@ -108,9 +108,7 @@ class ClipScorer:
 
     def __init__(self, model_path_or_id: str | os.PathLike, device: torch.device | str | None = None,
                  batch_size: int = 64) -> None:
-        from transformers import CLIPModel, CLIPTokenizer
-
-        from transformers import AutoConfig
+        from transformers import AutoConfig, CLIPModel, CLIPTokenizer
 
         source = str(model_path_or_id)
         fix = "pass a folder with a CLIPModel and its tokenizer, or a hub id available offline (e.g. " \
