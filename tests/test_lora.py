@@ -1,15 +1,20 @@
-"""LoRA fine-tuning (train.lora_rank): adapters on the attention projections plus the whole conv_in, merged on export."""
+"""LoRA fine-tuning (train.lora_rank): adapters on the attention projections and the whole conv_in, merged on export."""
 
 import pytest
+import test_training
 import torch
 from diffusers import StableDiffusionInstructPix2PixPipeline
 from safetensors.torch import load_file
+from test_training import max_diff, torchrun_train, unet_weights
 
 import train
 from ip2p import tiny
 from ip2p.lora import LoRALinear, add_lora, merge_lora
 from ip2p.models import expand_conv_in, load_components
-from test_training import _fresh_accelerate_state, data_dir  # noqa: F401 (fixtures: a clean accelerate state, data)
+
+# test_training's fixtures: a clean accelerate state for every test (autouse), and the small dataset.
+_fresh_accelerate_state = test_training._fresh_accelerate_state
+data_dir = test_training.data_dir
 
 
 def unet_and_inputs():
@@ -56,7 +61,7 @@ def overrides(out, data_dir, *extra):
 def test_lora_run_trains_only_adapters_and_conv_in_exports_a_whole_model_and_resumes(tmp_path, data_dir):
     full = tmp_path / "full"
     assert train.main(overrides(full, data_dir)) == 0
-    exported = load_file(full / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    exported = unet_weights(full / "final")
     base_unet = load_components("tiny")[0]["unet"]
     expand_conv_in(base_unet, 4)
     base_weights = base_unet.state_dict()
@@ -74,8 +79,7 @@ def test_lora_run_trains_only_adapters_and_conv_in_exports_a_whole_model_and_res
     part = tmp_path / "part"
     assert train.main(overrides(part, data_dir, "train.max_steps=2")) == 0
     assert train.main(overrides(part, data_dir, "resume=latest")) == 0
-    again = load_file(part / "final" / "unet" / "diffusion_pytorch_model.safetensors")
-    assert max((again[k].float() - exported[k].float()).abs().max().item() for k in exported) <= 1e-6
+    assert max_diff(unet_weights(part / "final"), exported) <= 1e-6
 
 
 def test_resuming_a_lora_run_as_a_full_one_is_explained(tmp_path, data_dir, caplog):
@@ -87,24 +91,12 @@ def test_resuming_a_lora_run_as_a_full_one_is_explained(tmp_path, data_dir, capl
 
 def test_two_processes_train_the_same_adapters_as_one(tmp_path, data_dir):
     """torchrun (gloo, 2 CPU processes, half the batch each): DDP with a frozen UNet and trained adapters."""
-    import subprocess
-    import sys
-
-    from test_training import ROOT, _env, _free_port
-
-    def weights(run):
-        return load_file(run / "final" / "unet" / "diffusion_pytorch_model.safetensors")
-
     common = ("train.max_steps=2", "train.checkpoint_every=0", "train.lr=1e-3", "train.adam_eps=1e-4")
     one = tmp_path / "one"
     assert train.main(overrides(one, data_dir, *common)) == 0
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(ROOT / "train.py"), *overrides(two, data_dir, *common, "train.batch_size=2")]
-    result = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    a, b = weights(one), weights(two)
-    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-5
+    torchrun_train(overrides(two, data_dir, *common, "train.batch_size=2"))
+    assert max_diff(unet_weights(one / "final"), unet_weights(two / "final")) <= 1e-5
 
 
 def test_resuming_with_another_alpha_is_refused_and_the_same_scale_resumes(tmp_path, data_dir, caplog):

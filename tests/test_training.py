@@ -426,6 +426,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def torchrun_train(args: list[str]) -> None:
+    """Run train.py under torchrun with 2 CPU processes (gloo); a failure shows the end of its stderr."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(ROOT / "train.py"), *args]
+    result = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_two_processes_match_one(tmp_path, data_dir):
     """torchrun with 2 CPU processes (gloo) and half the per-process batch ends with the same weights.
 
@@ -437,10 +445,7 @@ def test_two_processes_match_one(tmp_path, data_dir):
     one = tmp_path / "one"
     assert train.main(overrides(one, data_dir, *common, "train.batch_size=4")) == 0
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(ROOT / "train.py"), *overrides(two, data_dir, *common, "train.batch_size=2")]
-    result = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_train(overrides(two, data_dir, *common, "train.batch_size=2"))
     assert max_diff(unet_weights(one / "final"), unet_weights(two / "final")) <= 1e-5
     # The bound has teeth: another seed (other noise, timesteps, dropout) moves the weights far more.
     other = tmp_path / "other"
@@ -642,11 +647,8 @@ def test_bad_records_are_skipped_counted_and_never_fatal(tmp_path):
     assert (out / "final" / "model_index.json").is_file()
     # With 2 processes each sees half of every batch; the count is the run's, not the first process's share.
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(ROOT / "train.py"), *overrides(two, tmp_path / "bad", "train.max_steps=2", "train.batch_size=1",
-                                              "data.shuffle=false", "train.checkpoint_every=0")]
-    result = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_train(overrides(two, tmp_path / "bad", "train.max_steps=2", "train.batch_size=1", "data.shuffle=false",
+                             "train.checkpoint_every=0"))
     assert json.loads((list_checkpoints(two)[-1][1] / "ip2p_state.json").read_text())["bad_records"] == 1
 
 
