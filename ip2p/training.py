@@ -917,12 +917,17 @@ class Trainer:
                     bar.close()
                     acc.end_training()
                     raise SystemExit(143)
-        bar.close()
-        if self.bad_records:
-            logger.warning("skipped %d bad records in total", self.bad_records)
-        if self.saved_step != self.global_step:  # a checkpoint of this step on disk may be an abandoned run's
-            self.save_checkpoint()
-        final = self.export_final()
+            bar.close()
+            if self.bad_records:
+                logger.warning("skipped %d bad records in total", self.bad_records)
+            # Still under the handler: a SIGTERM now would kill the last checkpoint or the export half-way (nothing
+            # breaks, both are atomic, but the run's result would wait for a resume), and they take seconds.
+            if self.saved_step != self.global_step:  # a checkpoint of this step on disk may be an abandoned run's
+                self.save_checkpoint()
+            final = self.export_final()
+            if preempt.requested:
+                logger.warning("SIGTERM arrived during the final checkpoint or export; finished them first: %s",
+                               final)
         acc.end_training()
         return final
 

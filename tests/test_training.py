@@ -399,6 +399,29 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, data_dir):
     assert "resume with resume=latest" in log
 
 
+_TERM_DURING_EXPORT = """
+import os, signal, sys
+import ip2p.export, train
+real = ip2p.export.save_pipeline_folder
+def save(*a, **k):
+    os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice that lands while the final model is being written
+    return real(*a, **k)
+ip2p.export.save_pipeline_folder = save
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_the_final_export_finishes_it(tmp_path, data_dir):
+    out = tmp_path / "term-export"
+    args = overrides(out, data_dir, "train.max_steps=2")
+    proc = subprocess.run([sys.executable, "-c", _TERM_DURING_EXPORT, *args], env=_env(), cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "SIGTERM arrived during the final checkpoint or export" in proc.stderr
+    assert (out / "final" / "unet" / "config.json").is_file()
+    assert [s for s, _ in list_checkpoints(out)] == [2]
+
+
 def test_interrupted_checkpoint_write_leaves_latest_intact(tmp_path, data_dir, monkeypatch):
     out = tmp_path / "atomic"
     assert train.main(overrides(out, data_dir, "train.max_steps=2")) == 0
