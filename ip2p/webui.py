@@ -194,7 +194,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         try:
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":  # HEAD: GET's status and headers (Content-Length included), no body
+                self.wfile.write(body)
         except ConnectionError:  # the client left (a tab closed mid-edit): no one to answer, nothing went wrong here
             self.close_connection = True
             logger.debug("%s left before its answer", self.address_string())
@@ -211,7 +212,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         text = " ".join((message or self.responses.get(code, ("error",))[0]).split())
         if code == HTTPStatus.NOT_IMPLEMENTED and self.command:
-            text = f"method {self.command} is not supported; GET / or /info, POST /edit"
+            text = f"method {self.command} is not supported; GET (or HEAD) / or /info, POST /edit"
         body = json.dumps({"error": text}).encode("utf-8")
         self.send_response(code)
         self.send_header("Connection", "close")
@@ -235,6 +236,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(HTTPStatus.OK, service.info())
         else:
             self._error(HTTPStatus.NOT_FOUND, f"no page {path!r}; the editor is at /")
+
+    do_HEAD = do_GET  # noqa: N815 - the base class's name; _send leaves the body out
 
     def do_POST(self) -> None:  # noqa: N802 - the base class's name
         path = self.path.partition("?")[0]
@@ -393,7 +396,7 @@ PAGE = """<!doctype html>
  <div><label for="image_guidance">Image CFG s_I</label><input id="image_guidance" type="number" step="0.05"></div></div>
  <div class="check"><input id="randomize_cfg" type="checkbox"><label for="randomize_cfg">Random CFG
  (s_T 6&ndash;9, s_I 1.2&ndash;1.8)</label></div>
- <label for="seed">Seed</label><input id="seed" type="number" min="0">
+ <label for="seed">Seed</label><input id="seed" type="number" min="0" max="9007199254740991">
  <div class="check"><input id="randomize_seed" type="checkbox" checked><label for="randomize_seed">Random seed
  </label></div>
  <button id="go" type="submit">Edit</button>

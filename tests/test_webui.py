@@ -88,6 +88,8 @@ def decode(url: str) -> np.ndarray:
 def test_page_and_info(server, tiny_editor_dir):
     status, page = call(server + "/")
     assert status == 200 and "<form" in page and "/edit" in page and "Random CFG" in page
+    # JS numbers hold integers exactly to 2**53 - 1: the browser refuses a larger seed rather than send a rounded one
+    assert re.search(r'id="seed"[^>]* max="%d"' % (2**53 - 1), page)
     status, info = call(server + "/info")
     assert status == 200 and info["checkpoint"] == str(tiny_editor_dir)
     assert info["defaults"]["steps"] == 2 and info["random_text_guidance"] == [6.0, 9.0]
@@ -209,8 +211,17 @@ def test_requests_http_server_cannot_route_get_one_line_json_too(server, request
     assert got == status and message in out["error"] and "\n" not in out["error"], out  # not the base class's HTML
 
 
-def test_head_gets_the_status_and_no_body(server):
-    assert raw(server, b"HEAD / HTTP/1.1\r\n\r\n") == (501, None)
+def test_head_answers_with_gets_status_and_headers_and_no_body(server):
+    def answer(method: bytes, path: bytes) -> tuple[bytes, bytes]:
+        head, _, body = raw_answer(server, method + b" " + path + b" HTTP/1.1\r\nConnection: close\r\n\r\n") \
+            .partition(b"\r\n\r\n")
+        return head, body
+
+    for path, status in ((b"/", b"200"), (b"/info", b"200"), (b"/nope", b"404")):
+        head, body = answer(b"HEAD", path)
+        assert head.split()[1] == status and body == b"", head
+    length = re.compile(rb"Content-Length: (\d+)")
+    assert length.search(answer(b"HEAD", b"/")[0]).group(1) == length.search(answer(b"GET", b"/")[0]).group(1)
 
 
 def test_a_body_the_server_does_not_read_is_never_taken_for_the_next_request(server):
