@@ -31,6 +31,8 @@ from ip2p.models import (
     IP2P_META_FILE,
     check_tokenizer,
     first_line,
+    hub_offline,
+    hub_host,
     scheduler_from_config,
 )
 
@@ -385,7 +387,7 @@ def load_single_file(path: str | os.PathLike, *, config_dir: str | None = None, 
     _check_ldm_layout(checkpoint, path)
     metadata = read_metadata(path) if path.suffix.lower() == ".safetensors" else {}
     source = _config_source(config_dir, checkpoint, path)
-    local_only = Path(source).is_dir() or _offline()
+    local_only = Path(source).is_dir() or hub_offline()
     in_channels = int(checkpoint[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1])
     # LDM names EMA copies after the parameter with its dots removed: model_ema.diffusion_modelinput_blocks00weight
     has_ema = any(k.startswith("model_ema.diffusion_model") for k in checkpoint)
@@ -492,16 +494,23 @@ def _config_source(config_dir: str | None, checkpoint: dict[str, torch.Tensor], 
                 raise ValueError(f"config_dir={config_dir!r} lacks {', '.join(missing)}; expected a diffusers pipeline "
                                  "folder of the same model family (unet/ vae/ text_encoder/ tokenizer/ scheduler/)")
             return str(folder)
-        if _offline() or folder.exists() or str(config_dir).count("/") != 1:
+        if folder.exists() or str(config_dir).count("/") != 1:
             raise FileNotFoundError(f"config_dir={config_dir!r} is not a folder; expected a local diffusers pipeline "
                                     "folder of the model family the file was trained from")
         return str(config_dir)
-    if _offline():
-        raise ValueError(f"loading {path} offline needs a local diffusers folder giving the architecture: pass "
-                         "config_dir (--config-dir), e.g. a Stable Diffusion 1.5 pipeline folder")
     from diffusers.loaders.single_file_utils import fetch_diffusers_config
 
-    repo = fetch_diffusers_config(checkpoint)["pretrained_model_name_or_path"]
+    repo = fetch_diffusers_config(checkpoint)["pretrained_model_name_or_path"]  # from the keys: no download
+    if hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(repo, "unet/config.json"), str):
+            logger.info("no config_dir given: taking the architecture of %s from %s (hub cache)", path, repo)
+            return repo
+        # At once, not after diffusers has retried each file for half a minute.
+        raise ValueError(f"loading {path} offline (HF_HUB_OFFLINE is set or {hub_host()} cannot be reached) needs a "
+                         f"local diffusers folder giving the architecture ({repo} is not in the hub cache): pass "
+                         "config_dir (--config-dir), e.g. a Stable Diffusion 1.5 pipeline folder")
     logger.info("no config_dir given: taking the architecture of %s from %s (hub)", path, repo)
     return repo
 
@@ -529,13 +538,6 @@ def _check_keys_present(checkpoint: dict[str, torch.Tensor], path: Path, source:
             raise ValueError(f"{path} holds {len(unused)} {name} weights that config_dir={source!r} has no place for "
                              f"(e.g. {unused[0]!r}), which would be dropped; pass the --config-dir of the model family "
                              "the file was trained from")
-
-
-def _offline() -> bool:
-    import huggingface_hub.constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
-    return flag in ("1", "ON", "YES", "TRUE") or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
 
 
 def _load_text_encoder(checkpoint: dict[str, torch.Tensor], source: str, torch_dtype: torch.dtype | None,

@@ -176,6 +176,14 @@ def hub_unreachable() -> bool:
     return False
 
 
+def hub_offline() -> bool:
+    """True when nothing can come from the hub: HF_HUB_OFFLINE is set, or its host cannot be reached."""
+    import huggingface_hub.constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    return flag or bool(huggingface_hub.constants.HF_HUB_OFFLINE) or hub_unreachable()
+
+
 def _load_folder(source: str, torch_dtype: torch.dtype | None) -> dict:
     """Components from a diffusers folder or hub id (one code path: diffusers resolves both)."""
     import diffusers

@@ -419,11 +419,30 @@ def test_offline_without_config_dir_explains_the_flag(sd_file, monkeypatch, tmp_
         export.load_single_file(sd_file, config_dir=str(tmp_path / "partial"))
 
 
+def test_an_unreachable_hub_without_the_offline_flag_fails_at_once_or_uses_the_hub_cache(sd_file, monkeypatch):
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    from ip2p import models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(models, "hub_unreachable", lambda: True)  # no network, and the user did not say so
+    monkeypatch.setattr(UNet2DConditionModel, "load_config", lambda *a, **k: pytest.fail("tried the hub"))
+    with pytest.raises(ValueError, match=r"offline \(HF_HUB_OFFLINE is set or .* cannot be reached\).*--config-dir"):
+        export.load_single_file(sd_file)
+    # The architecture the keys point to, already in the hub cache: taken from there.
+    seen = []
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: seen.append(repo) or "/cached")
+    checkpoint = load_file(sd_file)
+    assert export._config_source(None, checkpoint, Path(sd_file)) == seen[0] == "timbrooks/instruct-pix2pix"
+
+
 def test_unreachable_hub_architecture_is_a_clear_error(sd_file, monkeypatch):
     def no_network(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load this model")
 
-    monkeypatch.setattr(export, "_offline", lambda: False)
+    monkeypatch.setattr(export, "hub_offline", lambda: False)
     monkeypatch.setattr(UNet2DConditionModel, "load_config", no_network)
     with pytest.raises(FileNotFoundError, match="architecture of .*editor.safetensors from 'org/editor' .*--config-dir"):
         export.load_single_file(sd_file, config_dir="org/editor")
