@@ -76,6 +76,10 @@ class DataConfig:
     """Cache frozen-encoder outputs: none, text (instruction embeddings, in memory), text+latents (also the VAE
     encodings, in memory and under <output_dir>/cache/; needs fixed preprocessing: one cached view per image; from the
     next epoch on, the images of cached records are not decoded again)."""
+    cache_memory_gb: float = 4.0
+    """Host memory per training process for the in-memory caches (GiB). Past it, instructions are encoded again and
+    latents read from <output_dir>/cache/ each time: a large dataset fills the disk cache, not the RAM or the GPU (0: no
+    in-memory cache; latents are still cached on disk)."""
 
 
 @dataclass
@@ -347,6 +351,9 @@ def validate(cfg: Config) -> Config:
                           f"({cfg.data.resolution}) <= lo <= hi")
     if cfg.validation.every and not cfg.validation.images:
         raise ConfigError("validation.every is set but validation.images is empty; list local image files")
+    if cfg.data.cache_memory_gb < 0:
+        raise ConfigError(f"data.cache_memory_gb={cfg.data.cache_memory_gb} must be >= 0 (GiB per process; 0: no "
+                          "in-memory cache)")
     if cfg.data.cache == "text+latents" and (cfg.data.random_crop or cfg.data.random_flip
                                               or cfg.data.random_resize[0] != cfg.data.random_resize[1]):
         # A cached latent is one fixed view of the image; random crops/flips would silently stop being random.

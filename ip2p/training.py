@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -443,9 +444,14 @@ class Trainer:
             acc.register_for_checkpointing(self.ema)
 
         self.null_text = encode_text(self.text_encoder, self.tokenizer, [""])  # (1, L, D), computed once
-        self.text_cache: dict[str, torch.Tensor] = {}
+        # Both in-memory caches (data.cache) hold CPU tensors, up to data.cache_memory_gb together: a dataset of
+        # millions of records would otherwise fill the GPU hours into a run (SD's 77 x 768 embedding is 118 kB).
+        self.text_cache: dict[str, tuple[torch.Tensor]] = {}
         # record number -> (source latent, target posterior mean, std); filled in the first epoch (data.cache).
-        self.latent_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.latent_cache: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.cache_bytes = 0
+        self._cache_budget = int(cfg.data.cache_memory_gb * 2**30)
+        self._cache_full_logged = False
         self._cache_dir: Path | None = None
         self.global_step = 0
         self.saved_step: int | None = None  # the step of the checkpoint this run last saved or loaded
@@ -468,14 +474,31 @@ class Trainer:
                               cached_records=cached_records)
         return make_dataloader(batches, num_workers=d.num_workers)
 
+    def _remember(self, cache: dict, key: Any, value: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Put a CPU copy of ``value`` in ``cache`` while the caches stay within data.cache_memory_gb; returns it."""
+        size = sum(t.numel() * t.element_size() for t in value) + 256  # + the dict entry and tensor objects
+        if self.cache_bytes + size > self._cache_budget:
+            if self._cache_budget and not self._cache_full_logged:
+                self._cache_full_logged = True
+                logger.info("data.cache: the in-memory caches reached data.cache_memory_gb=%g at %d instructions and "
+                            "%d records; the rest are encoded each time (instructions) or read from %s (latents)",
+                            self.cfg.data.cache_memory_gb, len(self.text_cache), len(self.latent_cache),
+                            self._cache_folder())
+            return value
+        self.cache_bytes += size
+        cache[key] = tuple(t.detach().to("cpu", copy=True) for t in value)
+        return value
+
     def _encode_instructions(self, instructions: list[str]) -> torch.Tensor:
         if self.cfg.data.cache == "none":
             return encode_text(self.text_encoder, self.tokenizer, instructions)
-        missing = sorted({s for s in instructions if s not in self.text_cache})
+        found = {s: self.text_cache[s][0] for s in set(instructions) if s in self.text_cache}
+        missing = sorted(set(instructions) - found.keys())
         if missing:
             for s, e in zip(missing, encode_text(self.text_encoder, self.tokenizer, missing)):
-                self.text_cache[s] = e
-        return torch.stack([self.text_cache[s] for s in instructions])
+                found[s] = self._remember(self.text_cache, s, (e,))[0]
+        device = self.accelerator.device
+        return torch.stack([found[s].to(device) for s in instructions])
 
     def _encode_images(self, source: torch.Tensor, target: torch.Tensor, records: list[int], valid: list[bool]
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -491,21 +514,24 @@ class Trainer:
             src = encode_source(self.vae, source, scale=scale).float()
             mean, std = encode_posterior(self.vae, target)
             return src, mean.float(), std.float()
+        found: dict[int, tuple[torch.Tensor, ...]] = {}
         for r, ok in zip(records, valid):
-            if ok and r not in self.latent_cache:
-                self._load_cached(r)
-        todo = [i for i, (r, ok) in enumerate(zip(records, valid)) if ok and r not in self.latent_cache]
+            if ok and r not in found:
+                entry = self.latent_cache.get(r) or self._load_cached(r)
+                if entry is not None:
+                    found[r] = entry
+        todo = [i for i, (r, ok) in enumerate(zip(records, valid)) if ok and r not in found]
         if todo:
             src = encode_source(self.vae, source[todo], scale=scale).float()
             mean, std = encode_posterior(self.vae, target[todo])
             for j, i in enumerate(todo):
                 entry = (src[j], mean[j].float(), std[j].float())
-                self.latent_cache[records[i]] = entry
+                found[records[i]] = self._remember(self.latent_cache, records[i], entry)
                 self._store_cached(records[i], entry)
         h, w = source.shape[-2] // self.vae_scale, source.shape[-1] // self.vae_scale
         blank = torch.zeros(self.latent_channels, h, w, device=source.device)
-        rows = [self.latent_cache[r] if ok else (blank, blank, blank) for r, ok in zip(records, valid)]
-        return tuple(torch.stack([row[k] for row in rows]) for k in range(3))
+        rows = [found[r] if ok else (blank, blank, blank) for r, ok in zip(records, valid)]
+        return tuple(torch.stack([row[k].to(source.device) for row in rows]) for k in range(3))
 
     def _cache_folder(self) -> Path:
         if self._cache_dir is None:
@@ -524,7 +550,8 @@ class Trainer:
     def _cache_path(self, record: int) -> Path:
         return self._cache_folder() / f"{record // 10000:04d}" / f"{record}.safetensors"
 
-    def _load_cached(self, record: int) -> None:
+    def _load_cached(self, record: int) -> tuple[torch.Tensor, ...] | None:
+        """The record's cached latents from disk (kept in memory within the budget), or None."""
         from safetensors.torch import load_file
 
         path = self._cache_path(record)
@@ -532,10 +559,10 @@ class Trainer:
             try:
                 # Read on the CPU: safetensors refuses device names torch uses, e.g. "cpu:1" under torchrun on CPUs.
                 t = load_file(str(path))
-                device = self.accelerator.device
-                self.latent_cache[record] = (t["source"].to(device), t["mean"].to(device), t["std"].to(device))
+                return self._remember(self.latent_cache, record, (t["source"], t["mean"], t["std"]))
             except Exception as e:  # a torn or foreign file: encode again, never crash the run
                 logger.warning("ignoring unreadable latent cache file %s (%s)", path, e)
+        return None
 
     def _store_cached(self, record: int, entry: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         from safetensors.torch import save_file

@@ -527,6 +527,32 @@ def test_latent_cache_skips_the_vae_and_changes_nothing(tmp_path, monkeypatch):
         load_config(None, ["data.cache=text+latents"])
 
 
+def test_cache_memory_budget_bounds_the_in_memory_caches_and_changes_nothing(tmp_path, monkeypatch, caplog):
+    from ip2p.synthetic import write_dataset
+
+    small = write_dataset(tmp_path / "small", n_train=8, n_test=1, seed=0, size=32)
+    args = ("data.random_crop=false", "data.random_flip=false", "data.random_resize=[16,16]", "train.max_steps=6",
+            "train.checkpoint_every=0", "data.cache=text+latents")
+    runs = []
+    real_run = Trainer.run
+    monkeypatch.setattr(Trainer, "run", lambda self: runs.append(self) or real_run(self))
+    assert train.main(overrides(tmp_path / "all", small, *args)) == 0
+    whole = runs[-1]
+    assert len(whole.latent_cache) == 8 and whole.text_cache
+    assert all(t.device.type == "cpu" for entry in whole.latent_cache.values() for t in entry)  # never the GPU's
+    caplog.set_level(logging.INFO, logger="ip2p.training")
+    for name, gib in (("half", whole.cache_bytes / 2 / 2**30), ("none", 0)):
+        assert train.main(overrides(tmp_path / name, small, *args, f"data.cache_memory_gb={gib!r}")) == 0
+        bounded = runs[-1]
+        assert bounded.cache_bytes <= gib * 2**30 and len(bounded.latent_cache) < 8
+        # The same training: what is not in memory is encoded again (text) or read from the disk cache (latents).
+        assert max_diff(unet_weights(tmp_path / "all" / "final"), unet_weights(tmp_path / name / "final")) == 0
+        assert len(list((tmp_path / name / "cache").rglob("*.safetensors"))) == 8
+    assert "reached data.cache_memory_gb=" in caplog.text
+    with pytest.raises(Exception, match="cache_memory_gb=-1.0 must be >= 0"):
+        load_config(None, ["data.cache_memory_gb=-1"])
+
+
 def test_latent_cache_files_load_on_a_multi_process_cpu_device(tmp_path, data_dir, monkeypatch, caplog):
     # torchrun on CPUs puts process i on torch.device("cpu", i), a name safetensors refuses to load to: every cached
     # file was then "unreadable" and encoded again.
