@@ -184,6 +184,22 @@ def hub_offline() -> bool:
     return flag or bool(huggingface_hub.constants.HF_HUB_OFFLINE) or hub_unreachable()
 
 
+def check_unet_supported(config: dict, source: str) -> None:
+    """Refuse UNets that need conditioning beyond the instruction's embeddings (SDXL's pooled text and size ids, class
+    labels, image embeddings): they would fail deep inside the first forward pass."""
+    extra = config.get("addition_embed_type")
+    if extra == "text_time":
+        raise ValueError(f"{source} is a Stable Diffusion XL model (two text encoders, size conditioning); ip2p "
+                         "supports the SD 1.x/2.x architecture: pass an SD 1.x/2.x base or InstructPix2Pix model")
+    if extra not in (None, "text"):
+        raise ValueError(f"{source}: unet.addition_embed_type={extra!r} needs inputs ip2p does not give; ip2p "
+                         "supports the SD 1.x/2.x architecture (cross-attention on the instruction)")
+    if config.get("class_embed_type") is not None or config.get("num_class_embeds") is not None:
+        raise ValueError(f"{source}: the unet is conditioned on class labels (class_embed_type="
+                         f"{config.get('class_embed_type')!r}, num_class_embeds={config.get('num_class_embeds')!r}), "
+                         "e.g. an upscaler's noise level; ip2p supports the SD 1.x/2.x text-to-image architecture")
+
+
 def _load_folder(source: str, torch_dtype: torch.dtype | None) -> dict:
     """Components from a diffusers folder or hub id (one code path: diffusers resolves both)."""
     import diffusers
@@ -205,6 +221,8 @@ def _load_folder(source: str, torch_dtype: torch.dtype | None) -> dict:
     unreachable = not local.exists() and hub_unreachable()
     only = {"local_files_only": True} if unreachable else {}
     try:
+        # Before any weights: an SDXL UNet alone is 10 GB to read only to be refused.
+        check_unet_supported(UNet2DConditionModel.load_config(source, subfolder="unet", **only), source)
         sched_config = diffusers.DDPMScheduler.load_config(source, subfolder="scheduler", **only)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **only)
         check_tokenizer(tokenizer, f"checkpoint {source!r}")
@@ -264,6 +282,7 @@ def load_components(source: str | os.PathLike, *, config_dir: str | None = None,
         from ip2p.export import load_single_file
 
         loaded = load_single_file(source, config_dir=config_dir, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
+        check_unet_supported(loaded["unet"].config, source)
         meta = loaded.pop("metadata", {}) or {}
         return loaded, meta
     if config_dir is not None:

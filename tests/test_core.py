@@ -66,6 +66,26 @@ def test_load_editor_errors_name_the_path(tmp_path):
         load_editor(str(tmp_path / "not-a-model"))
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"addition_embed_type": "text_time", "addition_time_embed_dim": 8}, "Stable Diffusion XL model"),
+    ({"class_embed_type": "timestep"}, "conditioned on class labels"),
+], ids=["sdxl", "class-labels"])
+def test_unets_that_need_other_inputs_are_refused_before_their_weights_load(tiny_editor_dir, tmp_path, change,
+                                                                           message, monkeypatch):
+    import json
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    folder = tmp_path / "other"
+    shutil.copytree(tiny_editor_dir, folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, **change}))
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", lambda *a, **k: pytest.fail("read the weights"))
+    with pytest.raises(ValueError, match=message):
+        load_editor(folder)
+
+
 # ---- guidance -------------------------------------------------------------------------------------------------------
 
 def _eps():
