@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,14 @@ def expand_conv_in(unet: torch.nn.Module, latent_channels: int = 4) -> bool:
     # Keep the saved config truthful so diffusers rebuilds the right shape on load.
     unet.register_to_config(in_channels=target)
     return True
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """``owner/name`` (or a legacy ``name``) as the hub spells ids; not a path that merely does not exist here."""
+    return not text.startswith((".", "/", "~")) and "\\" not in text and _HUB_ID.fullmatch(text) is not None
 
 
 def is_single_file(source: str | os.PathLike) -> bool:
@@ -272,6 +281,8 @@ def load_components(source: str | os.PathLike, *, config_dir: str | None = None,
     ``source``: a diffusers folder, a hub id, a single checkpoint file, or a built-in name (``tiny``, ``tiny-sd``).
     """
     source = str(source)
+    if source.startswith("~"):  # a YAML value or a quoted argument: no shell expanded it
+        source = os.path.expanduser(source)
     if source in BUILTIN_MODELS and not Path(source).exists():
         components = BUILTIN_MODELS[source]()
         if torch_dtype is not None:
@@ -285,6 +296,9 @@ def load_components(source: str | os.PathLike, *, config_dir: str | None = None,
         check_unet_supported(loaded["unet"].config, source)
         meta = loaded.pop("metadata", {}) or {}
         return loaded, meta
+    if not Path(source).exists() and not looks_like_hub_id(source):
+        raise FileNotFoundError(f"checkpoint {source!r} does not exist: no such folder or file here, and it is not a "
+                                "hub id (owner/name); check the path")
     if config_dir is not None:
         logger.warning("config_dir=%s is not used: %s is a diffusers folder or hub id, which carries its own "
                        "configs (config_dir is for single-file checkpoints)", config_dir, source)

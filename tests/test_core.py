@@ -64,6 +64,15 @@ def test_load_editor_errors_name_the_path(tmp_path):
         load_editor(tmp_path)
     with pytest.raises(FileNotFoundError, match="not-a-model"):
         load_editor(str(tmp_path / "not-a-model"))
+    # A path that does not exist is named as one, not looked up on the hub as an id.
+    for missing in (str(tmp_path / "absent"), "./absent", "runs/x/final", "~/absent"):
+        with pytest.raises(FileNotFoundError, match="does not exist: no such folder or file here"):
+            load_editor(missing)
+
+
+def test_a_checkpoint_path_may_start_with_a_tilde(tiny_editor_dir, monkeypatch):
+    monkeypatch.setenv("HOME", str(tiny_editor_dir.parent))
+    assert load_editor(f"~/{tiny_editor_dir.name}").unet.conv_in.in_channels == 8
 
 
 @pytest.mark.parametrize("change, message", [

@@ -53,7 +53,6 @@ import json
 import logging
 import math
 import os
-import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -80,7 +79,6 @@ _PARQUET_EXT = (".parquet",)
 _JSON_EXT = (".jsonl", ".json")
 _CSV_EXT = (".csv",)
 _METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
 # The original code's split fractions and its float expressions (SPEC section 5, orig edit_dataset.py).
 _SEEDS_SPLITS = (0.9, 0.05, 0.05)
@@ -685,7 +683,8 @@ def open_records(path: str | os.PathLike, *, split: str = "train", columns: Colu
     if os.path.isdir(local):
         return _folder_records(os.path.abspath(local), text, split=split, columns=columns, streaming=streaming,
                                cache_dir=cache)
-    looks_local = text.startswith((".", "/", "~")) or "\\" in text or _kind(text) is not None
-    if not looks_local and _HUB_ID.fullmatch(text):
+    from ip2p.models import looks_like_hub_id
+
+    if _kind(text) is None and looks_like_hub_id(text):
         return _hub_records(text, split=split, columns=columns, streaming=streaming, cache_dir=cache)
     raise FileNotFoundError(f"data.path={text!r} does not exist; {ACCEPTED_FORMATS}")
