@@ -300,6 +300,10 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
             setattr(obj, key, _coerce(value, hints[key], full))
 
 
+def _home(path: str | None) -> str | None:
+    return os.path.expanduser(path) if path and path.startswith("~") else path
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field and choice checks; fail at load, not deep inside training."""
     for key, choices in _CHOICES.items():
@@ -311,6 +315,12 @@ def validate(cfg: Config) -> Config:
     for tracker in cfg.trackers:
         if tracker not in TRACKERS:
             raise ConfigError(f"trackers: {tracker!r} is unknown; choose from {', '.join(TRACKERS)}")
+    # "~/..." from YAML or a quoted override reaches us unexpanded: it would make a folder named "~" in the cwd.
+    cfg.output_dir = _home(cfg.output_dir)
+    cfg.resume = _home(cfg.resume)
+    cfg.model.pretrained, cfg.model.config_dir = _home(cfg.model.pretrained), _home(cfg.model.config_dir)
+    cfg.data.path = _home(cfg.data.path)
+    cfg.validation.images = [_home(p) for p in cfg.validation.images]
     if not cfg.output_dir.strip():
         raise ConfigError("output_dir is empty; name the run folder, e.g. output_dir=runs/my-run")
     for section in (cfg, cfg.model, cfg.data, cfg.train, cfg.validation):

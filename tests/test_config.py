@@ -143,3 +143,14 @@ def test_train_without_a_dataset_fails_before_loading_the_base_model(monkeypatch
     assert train.main([]) == 2
     assert "data.path is empty: pass --config configs/<name>.yaml" in caplog.text
     assert train.main(["data.path= "]) == 2
+
+
+def test_paths_starting_with_a_tilde_are_expanded(tmp_path, monkeypatch):
+    # YAML values and quoted overrides reach the config unexpanded; "~/runs" must not become a folder named "~".
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["output_dir=~/runs/x", "model.pretrained=~/models/sd", "resume=~/runs/x/ck",
+                             "data.path=~/data", "validation.images=[~/a.png]", "validation.instructions=[x]"])
+    assert cfg.output_dir == str(tmp_path / "runs/x") and cfg.resume == str(tmp_path / "runs/x/ck")
+    assert cfg.model.pretrained == str(tmp_path / "models/sd") and cfg.data.path == str(tmp_path / "data")
+    assert cfg.validation.images == [str(tmp_path / "a.png")]
+    assert load_config(None, ["resume=latest"]).resume == "latest"
