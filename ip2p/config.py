@@ -52,6 +52,8 @@ class DataConfig:
     """Dataset: hub id, save_to_disk folder, parquet folder/glob, .jsonl, imagefolder, or original seeds.json folder."""
     split: str = "train"
     """Split to train on (for sources with several splits)."""
+    subset: str | None = None
+    """Configuration of a hub dataset with several (``load_dataset(path, subset)``; hub ids only)."""
     source_column: str | None = None
     """Column of the image to edit (None: detect input_image / original_image / ...)."""
     instruction_column: str | None = None

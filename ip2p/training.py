@@ -367,7 +367,7 @@ class Trainer:
         from ip2p.data import ColumnMap, open_records
 
         d = cfg.data
-        self.records = open_records(d.path, split=d.split, streaming=d.streaming,
+        self.records = open_records(d.path, split=d.split, streaming=d.streaming, subset=d.subset,
                                     columns=ColumnMap(d.source_column, d.instruction_column, d.target_column))
         components, _ = load_components(cfg.model.pretrained, config_dir=cfg.model.config_dir)
         self.tokenizer = components["tokenizer"]
@@ -480,10 +480,11 @@ class Trainer:
         if self.cache_bytes + size > self._cache_budget:
             if self._cache_budget and not self._cache_full_logged:
                 self._cache_full_logged = True
+                latents = (f" or read from {self._cache_folder()} (latents)"
+                           if self.cfg.data.cache == "text+latents" else "")
                 logger.info("data.cache: the in-memory caches reached data.cache_memory_gb=%g at %d instructions and "
-                            "%d records; the rest are encoded each time (instructions) or read from %s (latents)",
-                            self.cfg.data.cache_memory_gb, len(self.text_cache), len(self.latent_cache),
-                            self._cache_folder())
+                            "%d records; the rest are encoded each time (instructions)%s",
+                            self.cfg.data.cache_memory_gb, len(self.text_cache), len(self.latent_cache), latents)
             return value
         self.cache_bytes += size
         cache[key] = tuple(t.detach().to("cpu", copy=True) for t in value)
@@ -536,11 +537,12 @@ class Trainer:
     def _cache_folder(self) -> Path:
         if self._cache_dir is None:
             d = self.cfg.data
-            # A cache is only valid for the same data (its columns and, for a local dataset, its data files' names,
-            # sizes and times), split, preprocessing and VAE: they name its folder.
+            # A cache is only valid for the same data (its subset, columns and, for a local dataset, its data files'
+            # names, sizes and times), split, preprocessing and VAE: they name its folder.
             key = json.dumps([d.path, d.split, d.resolution, d.random_resize, self.cfg.model.pretrained,
                               self.cfg.model.scale_source_latent, d.source_column, d.instruction_column,
-                              d.target_column, _data_fingerprint(d.path)], sort_keys=True)
+                              d.target_column, _data_fingerprint(d.path)]
+                             + ([d.subset] if d.subset is not None else []), sort_keys=True)  # earlier caches stay
             import hashlib
 
             digest = hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -157,6 +157,31 @@ def test_a_hub_id_offline_reads_its_copy_in_the_hub_cache(tmp_path, monkeypatch,
         open_records("me/other", streaming=streaming, cache_dir=tmp_path / "cache")
 
 
+def test_a_hub_dataset_subset_is_its_configuration(tmp_path, monkeypatch):
+    from ip2p.data import records as records_mod
+
+    calls = []
+
+    def load_dataset(path, **kwargs):
+        subset = kwargs.get("name")
+        calls.append((path, subset))
+        if subset not in (None, "clean"):
+            raise ValueError(f"BuilderConfig '{subset}' not found. Available: ['default', 'clean']")
+        return image_dataset(image_rows(2))
+
+    monkeypatch.setattr(records_mod, "_load_dataset", load_dataset)
+    records = open_records("me/pairs", subset="clean", cache_dir=tmp_path / "cache")
+    assert calls == [("me/pairs", "clean")] and "subset 'clean'" in records.description
+    assert [raw["instruction"] for _, raw in records.iterate()] == ["edit 0", "edit 1"]
+    with pytest.raises(ValueError, match=r"data.subset='dirty' could not be loaded from hub dataset me/pairs "
+                                         r"\(BuilderConfig 'dirty' not found. Available: \['default', 'clean'\]\)"):
+        open_records("me/pairs", subset="dirty")
+    # A local dataset has no configurations to pick from: said at once, not ignored.
+    write_parquet_dir(tmp_path / "local", 2, shards=1)
+    with pytest.raises(ValueError, match="data.subset='clean' names a configuration of a hub dataset"):
+        open_records(tmp_path / "local", subset="clean")
+
+
 def test_a_split_subfolder_metadata_wins_over_the_top_level_one(tmp_path):
     _imagefolder(tmp_path / "imf", 2)  # the training rows, at the top
     _imagefolder(tmp_path / "imf" / "validation", 1, first=7)

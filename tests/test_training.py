@@ -519,6 +519,9 @@ def test_latent_cache_skips_the_vae_and_changes_nothing(tmp_path, monkeypatch):
     trainer._cache_dir = None
     trainer.cfg.data.source_column = trainer.cfg.data.target_column = None
     assert trainer._cache_path(0).parent.parent == folder
+    trainer._cache_dir, trainer.cfg.data.subset = None, "clean"  # another configuration of a hub dataset
+    assert trainer._cache_path(0).parent.parent != folder
+    trainer._cache_dir, trainer.cfg.data.subset = None, None
     shard = sorted(Path(small).rglob("*.parquet"))[0]
     shard.write_bytes(shard.read_bytes() + b"\0")
     trainer._cache_dir = None

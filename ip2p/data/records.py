@@ -633,14 +633,22 @@ def _hub_snapshot(name: str) -> str | None:
         return None
 
 
-def _hub_records(name: str, *, split: str, columns: ColumnMap, streaming: bool, cache_dir: str | None) -> Records:
+def _hub_records(name: str, *, split: str, columns: ColumnMap, streaming: bool, cache_dir: str | None,
+                 subset: str | None = None) -> Records:
     try:
-        dataset = _load_dataset(name, split=split, streaming=streaming, cache_dir=cache_dir)
+        config = {} if subset is None else {"name": subset}  # load_dataset(path, name=...): the configuration
+        dataset = _load_dataset(name, split=split, streaming=streaming, cache_dir=cache_dir, **config)
+    except ValueError as exc:  # e.g. "BuilderConfig 'x' not found. Available: [...]"
+        if subset is None:
+            raise
+        reason = " ".join(str(exc).split())
+        raise ValueError(f"data.subset={subset!r} could not be loaded from hub dataset {name} ({reason})") from None
     except OSError as exc:  # ConnectionError, datasets' DatasetNotFoundError, offline mode without a cache
         reason = " ".join(str(exc).split())
         # Offline, datasets finds only what it prepared itself, not a copy that `huggingface-cli download` or
-        # `snapshot_download` put in the hub cache: read that copy as the local folder it is.
-        snapshot = _hub_snapshot(name)
+        # `snapshot_download` put in the hub cache: read that copy as the local folder it is (a whole-repo copy:
+        # the layout of a subset is the dataset card's to say, so not with data.subset).
+        snapshot = _hub_snapshot(name) if subset is None else None
         if snapshot is not None:
             logger.warning("%s could not be loaded from the hub (%s); reading its copy in the hub cache, %s", name,
                            reason, snapshot)
@@ -650,16 +658,19 @@ def _hub_records(name: str, *, split: str, columns: ColumnMap, streaming: bool, 
             f"data.path={name!r} is not a local path and could not be loaded from the hub ({reason}); "
             f"{ACCEPTED_FORMATS}"
         ) from exc
+    label = name if subset is None else f"{name} (subset {subset!r})"
     return _dataset_records(dataset, columns=columns, streaming=streaming,
-                            description=f"hub dataset {name} (split {split!r})", base_dir=None)
+                            description=f"hub dataset {label} (split {split!r})", base_dir=None)
 
 
 def open_records(path: str | os.PathLike, *, split: str = "train", columns: ColumnMap = ColumnMap(),
-                 streaming: bool = False, cache_dir: str | os.PathLike | None = None) -> Records:
+                 streaming: bool = False, cache_dir: str | os.PathLike | None = None,
+                 subset: str | None = None) -> Records:
     """Open the records of one split of the dataset at `path` (any format in the module docstring).
 
     `columns` names the dataset columns (None fields are detected); `streaming` reads rows as consumed instead
-    of preparing an Arrow cache; `cache_dir` is where `load_dataset` keeps that cache. Raises
+    of preparing an Arrow cache; `cache_dir` is where `load_dataset` keeps that cache; `subset` names a hub
+    dataset's configuration (``load_dataset(path, subset)``; hub ids only). Raises
     `FileNotFoundError` for a path that is neither an existing dataset nor a reachable hub id, and `ValueError`
     for an unknown split or undetectable columns.
     """
@@ -673,6 +684,12 @@ def open_records(path: str | os.PathLike, *, split: str = "train", columns: Colu
 
         text = os.fspath(builtin_dataset(text))
     local = os.path.expanduser(text)
+    from ip2p.models import looks_like_hub_id
+
+    hub = not os.path.exists(local) and not glob.has_magic(local) and _kind(text) is None and looks_like_hub_id(text)
+    if subset is not None and not hub:
+        raise ValueError(f"data.subset={subset!r} names a configuration of a hub dataset, but data.path={text!r} is "
+                         "local; drop data.subset, or point data.path at the subset's own files")
     if glob.has_magic(local):
         return _file_records(glob.glob(local, recursive=True), text, split=split, columns=columns,
                              streaming=streaming, cache_dir=cache)
@@ -683,8 +700,6 @@ def open_records(path: str | os.PathLike, *, split: str = "train", columns: Colu
     if os.path.isdir(local):
         return _folder_records(os.path.abspath(local), text, split=split, columns=columns, streaming=streaming,
                                cache_dir=cache)
-    from ip2p.models import looks_like_hub_id
-
-    if _kind(text) is None and looks_like_hub_id(text):
-        return _hub_records(text, split=split, columns=columns, streaming=streaming, cache_dir=cache)
+    if hub:
+        return _hub_records(text, split=split, columns=columns, streaming=streaming, cache_dir=cache, subset=subset)
     raise FileNotFoundError(f"data.path={text!r} does not exist; {ACCEPTED_FORMATS}")
