@@ -350,6 +350,9 @@ class Trainer:
         )
         set_seed(cfg.seed)
         acc = self.accelerator
+        if cfg.train.mixed_precision == "fp16" and acc.device.type == "cpu":  # it failed in the first matmul
+            raise ValueError("train.mixed_precision=fp16 needs a GPU; on the CPU use train.mixed_precision=bf16 "
+                             "or no")
         if world != acc.num_processes:
             raise ValueError(f"WORLD_SIZE={world} processes were launched but Accelerate set up {acc.num_processes}; "
                              "launch with `accelerate launch` or `torchrun`, and check the Accelerate config")

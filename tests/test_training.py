@@ -656,6 +656,12 @@ def test_bf16_autocast_and_gradient_checkpointing_train(tmp_path, data_dir):
     assert weights["conv_in.weight"].dtype == torch.float32  # master weights stay fp32
 
 
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="fp16 trains on an accelerator")
+def test_fp16_on_the_cpu_is_a_clear_error_before_the_model_loads(tmp_path, data_dir, caplog):
+    assert train.main(overrides(tmp_path / "fp16", data_dir, "train.mixed_precision=fp16")) != 0
+    assert "train.mixed_precision=fp16 needs a GPU; on the CPU use train.mixed_precision=bf16 or no" in caplog.text
+
+
 def test_missing_optional_packages_are_clear_errors(tmp_path, data_dir, caplog, monkeypatch):
     import builtins
 
