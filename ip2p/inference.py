@@ -85,6 +85,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                    help="diffusers folder, single .safetensors file, or hub id (default: %(default)s)")
     p.add_argument("--config-dir", help="local diffusers folder giving the architecture of a single-file checkpoint")
+    p.add_argument("--lora", help="adapter file of a LoRA run (its final.lora.safetensors), applied to --checkpoint, "
+                                  "the base model that run started from")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading a pickled .ckpt (with torch.load(weights_only=True)); off by default")
     p.add_argument("--scale-source-latent", choices=("auto", "yes", "no"), default="auto",
@@ -109,7 +111,7 @@ def load_model(args: argparse.Namespace):
                        "for most of the UNet); leave --dtype auto for fp32")
     scale = {"auto": None, "yes": True, "no": False}[args.scale_source_latent]
     model = load_editor(args.checkpoint, config_dir=args.config_dir, allow_pickle=args.allow_pickle,
-                        scale_source_latent=scale, expand=False, torch_dtype=dtype, device=device)
+                        scale_source_latent=scale, expand=False, torch_dtype=dtype, device=device, lora=args.lora)
     return model.low_memory() if args.low_memory else model
 
 
@@ -283,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
     settings = dict(checkpoint=str(args.checkpoint), steps=args.steps, scheduler=args.scheduler, seed=seed,
                     resolution=args.resolution, multiple=multiple, keep_size=args.keep_size,
                     dtype=str(model.dtype).removeprefix("torch."), scale_source_latent=model.scale_source_latent,
-                    low_memory=args.low_memory,
+                    low_memory=args.low_memory, **({"lora": str(args.lora)} if args.lora else {}),
                     ip2p_version=ip2p.__version__)
     draws = random.Random(seed)  # --randomize-cfg's scales: the same command draws the same ones
     progress = tqdm(jobs, desc="images", disable=args.quiet or len(jobs) == 1)

@@ -308,16 +308,27 @@ def load_components(source: str | os.PathLike, *, config_dir: str | None = None,
 
 def load_editor(source: str | os.PathLike, *, config_dir: str | None = None, allow_pickle: bool = False,
                 torch_dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                scale_source_latent: bool | None = None, expand: bool = True) -> EditorModel:
+                scale_source_latent: bool | None = None, expand: bool = True,
+                lora: str | os.PathLike | None = None) -> EditorModel:
     """Load an editor (or a base model, expanded to an editor when ``expand``) ready for sampling or training.
 
     ``scale_source_latent``: None takes the checkpoint's own setting (ip2p metadata), else False (the paper's
-    convention); pass True for CosXL-style models that scale the source latent.
+    convention); pass True for CosXL-style models that scale the source latent. ``lora``: an adapter file a LoRA run
+    wrote (``final.lora.safetensors``), applied to ``source``, the base it was trained on, with the run's scheduler.
     """
     components, meta = load_components(source, config_dir=config_dir, allow_pickle=allow_pickle,
                                        torch_dtype=torch_dtype)
     unet = components["unet"]
     latent_channels = int(components["vae"].config.latent_channels)
+    if lora is not None:
+        from ip2p.lora import load_adapter
+
+        expand_conv_in(unet, latent_channels)  # the base as training started from it
+        trained = load_adapter(unet, lora)
+        if trained["scheduler_config"]:
+            components["scheduler"] = scheduler_from_config(trained["scheduler_config"])
+        meta = {**meta, "scale_source_latent": trained["scale_source_latent"]}
+        logger.info("applied the LoRA adapters of %s to %s", lora, source)
     if expand:
         if expand_conv_in(unet, latent_channels):
             logger.info("expanded unet.conv_in from %d to %d input channels (new ones zero)",

@@ -814,15 +814,25 @@ class Trainer:
             unet = copy.deepcopy(acc.unwrap_model(self.unet)).float().eval()
             if self.ema is not None:
                 self.ema.copy_to(_trainable(unet))
-            if self.cfg.train.lora_rank:
-                from ip2p.lora import merge_lora
-
-                merge_lora(unet)  # a whole model: every tool loads it without knowing about adapters
             cls = getattr(diffusers, self.base_scheduler_config.get("_class_name", ""), diffusers.DDPMScheduler)
             if unsupported(cls, self.base_scheduler_config):  # e.g. SD's PNDM cannot step x0 predictions
                 cls = diffusers.EulerDiscreteScheduler  # so that diffusers' pipeline samples the export as it is
+            scheduler = cls.from_config(self.base_scheduler_config)
+            adapter_path = self.out / "final.lora.safetensors"
+            if self.cfg.train.lora_rank:
+                from ip2p.lora import merge_lora, save_adapter
+
+                save_adapter(unet, adapter_path, base=self.cfg.model.pretrained,  # final/'s scheduler, as written there
+                             scheduler_config=json.loads(scheduler.to_json_string()),
+                             scale_source_latent=self.cfg.model.scale_source_latent)
+                logger.info("exported the LoRA adapters alone (%.1f MB): %s; infer.py --checkpoint %s --lora %s",
+                            adapter_path.stat().st_size / 1e6, adapter_path, self.cfg.model.pretrained, adapter_path)
+                merge_lora(unet)  # a whole model: every tool loads it without knowing about adapters
+            elif adapter_path.exists():  # an earlier LoRA run's in this folder: not this model's
+                adapter_path.unlink()
+                logger.info("removed the earlier export's %s (this run trained the whole UNet)", adapter_path)
             components = SimpleNamespace(unet=unet, vae=self.vae.float(), text_encoder=self.text_encoder.float(),
-                                         tokenizer=self.tokenizer, scheduler=cls.from_config(self.base_scheduler_config),
+                                         tokenizer=self.tokenizer, scheduler=scheduler,
                                          scale_source_latent=self.cfg.model.scale_source_latent)
             meta = {"config": cfgmod.to_dict(self.cfg), "step": self.global_step, "ema": self.ema is not None}
             single_path = self.out / "final.safetensors"

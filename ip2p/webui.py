@@ -341,7 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         logger.info("loading %s", args.checkpoint)
         model = load_model(args)
-        server.service = EditorService(model, checkpoint=str(args.checkpoint), scheduler=args.scheduler,
+        label = str(args.checkpoint) + (f" + LoRA {args.lora}" if args.lora else "")
+        server.service = EditorService(model, checkpoint=label, scheduler=args.scheduler,
                                        steps=args.steps, text_guidance=args.text_guidance,
                                        image_guidance=args.image_guidance, resolution=args.resolution,
                                        max_pixels=args.max_pixels)

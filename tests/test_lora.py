@@ -1,9 +1,13 @@
 """LoRA fine-tuning (train.lora_rank): adapters on the attention projections and the whole conv_in, merged on export."""
 
+import json
+
+import numpy as np
 import pytest
 import test_training
 import torch
 from diffusers import StableDiffusionInstructPix2PixPipeline
+from PIL import Image
 from safetensors.torch import load_file
 from test_training import max_diff, torchrun_train, unet_weights
 
@@ -80,6 +84,46 @@ def test_lora_run_trains_only_adapters_and_conv_in_exports_a_whole_model_and_res
     assert train.main(overrides(part, data_dir, "train.max_steps=2")) == 0
     assert train.main(overrides(part, data_dir, "resume=latest")) == 0
     assert max_diff(unet_weights(part / "final"), exported) <= 1e-6
+
+
+def test_the_adapter_file_alone_rebuilds_the_exported_model_on_its_base(tmp_path, data_dir):
+    from ip2p.models import load_editor
+
+    out = tmp_path / "run"
+    assert train.main(overrides(out, data_dir, "train.max_steps=2", "model.prediction_type=sample")) == 0
+    adapter = out / "final.lora.safetensors"
+    keys = load_file(adapter).keys()
+    assert {"conv_in.weight", "conv_in.bias"} < keys and all(k.startswith("conv_in.") or ".lora_" in k for k in keys)
+    rebuilt = load_editor("tiny", lora=adapter, expand=False)
+    exported = load_editor(out / "final", expand=False)
+    assert max_diff(rebuilt.unet.state_dict(), exported.unet.state_dict()) <= 1e-6
+    # The run's scheduler comes with the adapters (this run predicted x0; the base predicts noise).
+    assert rebuilt.scheduler.config.prediction_type == exported.scheduler.config.prediction_type == "sample"
+    with pytest.raises(ValueError, match="does not fit this base model: .*trained on 'tiny': pass that"):
+        load_editor("tiny-sd", lora=adapter)
+    with pytest.raises(ValueError, match="is not an ip2p LoRA adapter"):
+        load_editor("tiny", lora=next((out / "final" / "unet").glob("*.safetensors")))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_editor("tiny", lora=tmp_path / "absent.safetensors")
+    # infer.py: the base and the adapter make the same picture as the exported model.
+    import infer
+
+    common = ["--image", str(_photo(tmp_path)), "--instruction", "x", "--steps", "2", "--seed", "3", "--quiet"]
+    assert infer.main(["--checkpoint", "tiny", "--lora", str(adapter), "--output", str(tmp_path / "a.png"),
+                       *common]) == 0
+    assert infer.main(["--checkpoint", str(out / "final"), "--output", str(tmp_path / "b.png"), *common]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / name)) for name in ("a.png", "b.png"))
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert json.loads((tmp_path / "a.json").read_text())["lora"] == str(adapter)
+    # A later run of the whole UNet in the same folder removes the adapters, which are not its model.
+    assert train.main(overrides(out, data_dir, "train.max_steps=2", "train.lora_rank=0")) == 0
+    assert not adapter.exists()
+
+
+def _photo(tmp_path):
+    path = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(path)
+    return path
 
 
 def test_resuming_a_lora_run_as_a_full_one_is_explained(tmp_path, data_dir, caplog):
