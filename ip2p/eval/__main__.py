@@ -65,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.sweep and args.sweep_limit < 1:
             raise ValueError(f"--sweep-limit {args.sweep_limit} must be at least 1")
+        for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
+            if value < 1:  # before the data and the model load, not after the first batch
+                raise ValueError(f"{flag} {value} must be at least 1")
         for flag, values in (("--text-guidance", [args.text_guidance]), ("--image-guidance", [args.image_guidance]),
                              ("--text-scales", args.text_scales or []), ("--image-scales", args.image_scales or [])):
             if not all(math.isfinite(v) for v in values):
