@@ -149,13 +149,23 @@ def load_adapter(unet: nn.Module, path: str | os.PathLike) -> dict:
     """Apply the adapter file at ``path`` to ``unet`` (the base it was trained on, ``conv_in`` already expanded) and
     merge it, in place; returns the file's settings (``scheduler_config``, ``scale_source_latent``, ``base``)."""
     tensors, meta = read_adapter(path)
-    rank, alpha = int(meta["rank"]), float(meta["alpha"])
+    try:
+        rank, alpha = int(meta["rank"]), float(meta["alpha"])
+    except (KeyError, ValueError):
+        raise ValueError(f"--lora {str(path)!r} has no valid rank/alpha in its header; re-export it") from None
     prefixes = sorted({k[: -len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")})
     modules = dict(unet.named_modules())
-    missing = [p for p in prefixes if not isinstance(modules.get(p), nn.Linear)]
-    conv = tensors.get("conv_in.weight")
-    if missing or conv is None or conv.shape != unet.conv_in.weight.shape:
-        what = (f"it adapts layers this UNet lacks (e.g. {missing[0]})" if missing else
+
+    def fits(name: str) -> bool:
+        layer, a, b = modules.get(name), tensors[f"{name}.lora_A.weight"], tensors.get(f"{name}.lora_B.weight")
+        return (isinstance(layer, nn.Linear) and b is not None and a.shape == (rank, layer.in_features)
+                and b.shape == (layer.out_features, rank))
+
+    missing = [p for p in prefixes if not fits(p)]
+    conv, bias = tensors.get("conv_in.weight"), tensors.get("conv_in.bias")
+    if missing or not prefixes or conv is None or bias is None or conv.shape != unet.conv_in.weight.shape:
+        what = (f"it adapts layers this UNet lacks or shapes otherwise (e.g. {missing[0]})" if missing else
+                "it holds no adapters" if not prefixes else
                 f"its conv_in is {tuple(conv.shape) if conv is not None else 'missing'}, this UNet's "
                 f"{tuple(unet.conv_in.weight.shape)}")
         raise ValueError(f"--lora {str(path)!r} does not fit this base model: {what}; it was trained on "
@@ -168,7 +178,7 @@ def load_adapter(unet: nn.Module, path: str | os.PathLike) -> dict:
                 weight = getattr(layer, part).weight
                 weight.copy_(tensors[f"{p}.{part}.weight"].to(weight.dtype))
         unet.conv_in.weight.copy_(conv.to(unet.conv_in.weight.dtype))
-        unet.conv_in.bias.copy_(tensors["conv_in.bias"].to(unet.conv_in.bias.dtype))
+        unet.conv_in.bias.copy_(bias.to(unet.conv_in.bias.dtype))
     merge_lora(unet)
     unet.requires_grad_(True)  # as from_pretrained leaves a model (see ip2p.models.load_editor)
     return {"base": meta.get("base"), "scheduler_config": json.loads(meta.get("scheduler_config") or "{}"),

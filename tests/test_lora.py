@@ -105,6 +105,17 @@ def test_the_adapter_file_alone_rebuilds_the_exported_model_on_its_base(tmp_path
         load_editor("tiny", lora=next((out / "final" / "unet").glob("*.safetensors")))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_editor("tiny", lora=tmp_path / "absent.safetensors")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(adapter), framework="pt") as f:
+        header = f.metadata()
+    tensors = load_file(adapter)
+    name = next(k for k in sorted(tensors) if k.endswith(".lora_A.weight"))
+    tensors[name] = torch.zeros(tensors[name].shape[0] + 1, tensors[name].shape[1])  # another rank than the header's
+    save_file(tensors, tmp_path / "bad.safetensors", metadata=header)
+    with pytest.raises(ValueError, match=f"lacks or shapes otherwise \\(e.g. {name.removesuffix('.lora_A.weight')}"):
+        load_editor("tiny", lora=tmp_path / "bad.safetensors")
     # infer.py: the base and the adapter make the same picture as the exported model.
     import infer
 
