@@ -126,6 +126,16 @@ def test_the_adapter_file_alone_rebuilds_the_exported_model_on_its_base(tmp_path
     a, b = (np.asarray(Image.open(tmp_path / name)) for name in ("a.png", "b.png"))
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
     assert json.loads((tmp_path / "a.json").read_text())["lora"] == str(adapter)
+    # eval: the same scores from the base and the adapter as from the exported model.
+    from ip2p.eval.__main__ import main as evaluate
+
+    scores = []
+    for model in (["--checkpoint", "tiny", "--lora", str(adapter)], ["--checkpoint", str(out / "final")]):
+        folder = tmp_path / f"eval{len(scores)}"
+        assert evaluate([*model, "--data", str(data_dir), "--limit", "2", "--steps", "1", "--output",
+                         str(folder)]) == 0
+        scores.append(json.loads((folder / "metrics.json").read_text()))
+    assert scores[0] == scores[1]
     # A later run of the whole UNet in the same folder removes the adapters, which are not its model.
     assert train.main(overrides(out, data_dir, "train.max_steps=2", "train.lora_rank=0")) == 0
     assert not adapter.exists()

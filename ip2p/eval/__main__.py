@@ -29,6 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ip2p.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="editor: diffusers folder or single .safetensors file")
     parser.add_argument("--config-dir", default=None, help="diffusers folder describing a single-file checkpoint")
+    parser.add_argument("--lora", default=None,
+                        help="adapter file of a LoRA run (final.lora.safetensors), applied to --checkpoint, its base")
     parser.add_argument("--data", required=True,
                         help="synthetic dataset folder, parquet file or glob (of files: the rows of --split)")
     parser.add_argument("--split", action="append", dest="splits", default=None,
@@ -80,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep_examples = load_examples(args.data, split=splits[0], limit=args.sweep_limit) if args.sweep else []
         out = output_folder(args.output)
         clip = clip_scorer(args.clip)  # loaded once for every split and the sweep
-        model = load_editor(args.checkpoint, config_dir=args.config_dir, expand=False,
+        model = load_editor(args.checkpoint, config_dir=args.config_dir, expand=False, lora=args.lora,
                             device=resolve_device(args.device))
         sampling = dict(steps=args.steps, text_guidance=args.text_guidance, image_guidance=args.image_guidance,
                         scheduler=args.scheduler, seed=args.seed, batch_size=args.batch_size)
