@@ -119,7 +119,8 @@ def test_the_adapter_file_alone_rebuilds_the_exported_model_on_its_base(tmp_path
     # infer.py: the base and the adapter make the same picture as the exported model.
     import infer
 
-    common = ["--image", str(_photo(tmp_path)), "--instruction", "x", "--steps", "2", "--seed", "3", "--quiet"]
+    common = ["--image", str(_photo(tmp_path)), "--instruction", "x", "--steps", "2", "--seed", "3", "--quiet",
+              "--resolution", "24"]
     assert infer.main(["--checkpoint", "tiny", "--lora", str(adapter), "--output", str(tmp_path / "a.png"),
                        *common]) == 0
     assert infer.main(["--checkpoint", str(out / "final"), "--output", str(tmp_path / "b.png"), *common]) == 0
