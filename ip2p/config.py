@@ -145,7 +145,8 @@ class TrainConfig:
     """Also export <output_dir>/final.safetensors in the original SD layout (SD-shaped models only)."""
     lora_rank: int = 0
     """0 trains the whole UNet; r > 0 trains rank-r LoRA adapters of the lora_targets layers and the whole conv_in
-    (ip2p.lora), the rest frozen: far less optimizer memory. The export merges them: final/ is a whole model."""
+    (ip2p.lora), the rest frozen: far less optimizer memory. The export merges them: final/ is a whole model; the
+    adapters alone go to final.lora.safetensors (infer.py --checkpoint BASE --lora FILE)."""
     lora_alpha: float = 0.0
     """LoRA scale numerator: the adapters add (alpha / rank) B A x (0: alpha = rank, a scale of 1)."""
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
