@@ -328,7 +328,11 @@ def load_editor(source: str | os.PathLike, *, config_dir: str | None = None, all
         if trained["scheduler_config"]:
             components["scheduler"] = scheduler_from_config(trained["scheduler_config"])
         meta = {**meta, "scale_source_latent": trained["scale_source_latent"]}
-        logger.info("applied the LoRA adapters of %s to %s", lora, source)
+        if trained["base"] and os.path.abspath(str(trained["base"])) != os.path.abspath(str(source)):
+            logger.warning("the LoRA adapters of %s were trained on %s; applying them to %s (fine if it is the same "
+                           "model in another place, else the edits will be off)", lora, trained["base"], source)
+        else:
+            logger.info("applied the LoRA adapters of %s to %s", lora, source)
     if expand:
         if expand_conv_in(unet, latent_channels):
             logger.info("expanded unet.conv_in from %d to %d input channels (new ones zero)",

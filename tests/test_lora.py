@@ -86,7 +86,7 @@ def test_lora_run_trains_only_adapters_and_conv_in_exports_a_whole_model_and_res
     assert max_diff(unet_weights(part / "final"), exported) <= 1e-6
 
 
-def test_the_adapter_file_alone_rebuilds_the_exported_model_on_its_base(tmp_path, data_dir):
+def test_the_adapter_file_alone_rebuilds_the_exported_model_on_its_base(tmp_path, data_dir, tiny_base_dir, caplog):
     from ip2p.models import load_editor
 
     out = tmp_path / "run"
@@ -99,6 +99,11 @@ def test_the_adapter_file_alone_rebuilds_the_exported_model_on_its_base(tmp_path
     assert max_diff(rebuilt.unet.state_dict(), exported.unet.state_dict()) <= 1e-6
     # The run's scheduler comes with the adapters (this run predicted x0; the base predicts noise).
     assert rebuilt.scheduler.config.prediction_type == exported.scheduler.config.prediction_type == "sample"
+    assert "were trained on" not in caplog.text
+    # The same architecture (and here the same weights) from another place: applied, with a word that it differs.
+    elsewhere = load_editor(tiny_base_dir, lora=adapter, expand=False)
+    assert max_diff(elsewhere.unet.state_dict(), exported.unet.state_dict()) <= 1e-6
+    assert f"were trained on tiny; applying them to {tiny_base_dir}" in caplog.text
     with pytest.raises(ValueError, match="does not fit this base model: .*trained on 'tiny': pass that"):
         load_editor("tiny-sd", lora=adapter)
     with pytest.raises(ValueError, match="is not an ip2p LoRA adapter"):
