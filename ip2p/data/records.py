@@ -688,8 +688,9 @@ def open_records(path: str | os.PathLike, *, split: str = "train", columns: Colu
 
     hub = not os.path.exists(local) and not glob.has_magic(local) and _kind(text) is None and looks_like_hub_id(text)
     if subset is not None and not hub:
-        raise ValueError(f"data.subset={subset!r} names a configuration of a hub dataset, but data.path={text!r} is "
-                         "local; drop data.subset, or point data.path at the subset's own files")
+        raise ValueError(f"data.subset={subset!r} names a configuration of a hub dataset, but "
+                         f"data.path={os.fspath(path)!r} is local; drop data.subset, or point data.path at the "
+                         "subset's own files")
     if glob.has_magic(local):
         return _file_records(glob.glob(local, recursive=True), text, split=split, columns=columns,
                              streaming=streaming, cache_dir=cache)
