@@ -242,6 +242,13 @@ _STATE_SHAPING = ("model.pretrained", "model.config_dir", "train.optimizer", "tr
 _NO_VALID_LIMIT = 256
 
 
+def _stack_to(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``torch.stack(parts)`` on ``device``: one copy when every part is in host memory (the caches), not one each."""
+    if all(p.device.type == "cpu" for p in parts):
+        return torch.stack(parts).to(device)
+    return torch.stack([p.to(device) for p in parts])
+
+
 class _Preemption:
     """SIGTERM (cluster preemption) sets a flag; the loop saves a checkpoint at the next step boundary and exits."""
 
@@ -490,8 +497,8 @@ class Trainer:
                             self.cfg.data.cache_memory_gb, len(self.text_cache), len(self.latent_cache), latents)
             return value
         self.cache_bytes += size
-        cache[key] = tuple(t.detach().to("cpu", copy=True) for t in value)
-        return value
+        cache[key] = stored = tuple(t.detach().to("cpu", copy=True) for t in value)
+        return stored
 
     def _encode_instructions(self, instructions: list[str]) -> torch.Tensor:
         if self.cfg.data.cache == "none":
@@ -502,7 +509,7 @@ class Trainer:
             for s, e in zip(missing, encode_text(self.text_encoder, self.tokenizer, missing)):
                 found[s] = self._remember(self.text_cache, s, (e,))[0]
         device = self.accelerator.device
-        return torch.stack([found[s].to(device) for s in instructions])
+        return _stack_to([found[s] for s in instructions], device)
 
     def _encode_images(self, source: torch.Tensor, target: torch.Tensor, records: list[int], valid: list[bool]
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -533,9 +540,9 @@ class Trainer:
                 found[records[i]] = self._remember(self.latent_cache, records[i], entry)
                 self._store_cached(records[i], entry)
         h, w = source.shape[-2] // self.vae_scale, source.shape[-1] // self.vae_scale
-        blank = torch.zeros(self.latent_channels, h, w, device=source.device)
+        blank = torch.zeros(self.latent_channels, h, w)
         rows = [found[r] if ok else (blank, blank, blank) for r, ok in zip(records, valid)]
-        return tuple(torch.stack([row[k].to(source.device) for row in rows]) for k in range(3))
+        return tuple(_stack_to([row[k] for row in rows], source.device) for k in range(3))
 
     def _cache_folder(self) -> Path:
         if self._cache_dir is None:
