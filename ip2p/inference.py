@@ -43,6 +43,12 @@ DEFAULT_CHECKPOINT = "timbrooks/instruct-pix2pix"
 RANDOM_TEXT_GUIDANCE = (6.0, 9.0)
 RANDOM_IMAGE_GUIDANCE = (1.2, 1.8)
 """The ranges ``--randomize-cfg`` draws s_T and s_I from (uniformly, to two decimals), as the paper's web app does."""
+
+
+def draw_cfg(draws: random.Random) -> tuple[float, float]:
+    """(s_T, s_I) drawn as ``--randomize-cfg`` and the web UI's "random CFG" do: uniformly in their ranges, to two
+    decimals, so that the numbers shown reproduce the edit."""
+    return round(draws.uniform(*RANDOM_TEXT_GUIDANCE), 2), round(draws.uniform(*RANDOM_IMAGE_GUIDANCE), 2)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -327,8 +333,7 @@ def run(args: argparse.Namespace) -> int:
             # One edit per output, each with its own scales and seed, so that each sidecar reproduces its image with
             # a plain run (--seed, --text-guidance, --image-guidance as recorded).
             for k, out_path in enumerate(job.outputs):
-                s_t = round(draws.uniform(*RANDOM_TEXT_GUIDANCE), 2)
-                s_i = round(draws.uniform(*RANDOM_IMAGE_GUIDANCE), 2)
+                s_t, s_i = draw_cfg(draws)
                 output_seed = (seed + k) % 2**64
                 logger.info("%s: s_T=%g, s_I=%g, seed %d", out_path, s_t, s_i, output_seed)
                 _write(run_edit(s_t, s_i, 1, output_seed)[0], out_path,

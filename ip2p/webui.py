@@ -121,7 +121,7 @@ class EditorService:
         import torch
 
         from ip2p import images as img
-        from ip2p.inference import RANDOM_IMAGE_GUIDANCE, RANDOM_TEXT_GUIDANCE, check_text
+        from ip2p.inference import check_text, draw_cfg
         from ip2p.sampling import edit
 
         if not isinstance(request, dict):
@@ -149,8 +149,7 @@ class EditorService:
         if randomize_cfg is not None and not isinstance(randomize_cfg, bool):  # "false" is truthy
             raise RequestError(f"randomize_cfg={randomize_cfg!r} must be true or false")
         if randomize_cfg:
-            text_guidance = round(self._draws.uniform(*RANDOM_TEXT_GUIDANCE), 2)
-            image_guidance = round(self._draws.uniform(*RANDOM_IMAGE_GUIDANCE), 2)
+            text_guidance, image_guidance = draw_cfg(self._draws)
         else:
             text_guidance = _number(request, "text_guidance", d["text_guidance"])
             image_guidance = _number(request, "image_guidance", d["image_guidance"])
