@@ -388,17 +388,20 @@ def _short(path: str | os.PathLike) -> str | None:
     return None if relative.startswith("..") else relative
 
 
+def _python() -> str:
+    """This interpreter, short where it lives below the working folder (a project's .venv): run from elsewhere, a bare
+    `python` would be whichever one the shell finds, often one without torch."""
+    return (_short(sys.executable) or sys.executable) if sys.executable else "python"
+
+
 def infer_command(checkpoint: str | os.PathLike, image: str | os.PathLike, instruction: str,
                   sampling: dict[str, Any], output: str | os.PathLike) -> str:
     """The ``infer.py`` command that edits ``image`` as the demo's evaluation does: the input's own 64 px size (not
     infer.py's 512 px default, which suits Stable Diffusion) and the evaluation's sampler and guidance scales."""
     import shlex
 
-    # This interpreter, short where it lives below the working folder (a project's .venv): run from elsewhere, a bare
-    # `python` would be whichever one the shell finds, often one without torch.
-    python = (_short(sys.executable) or sys.executable) if sys.executable else "python"
     script = CONFIGS.parent / "infer.py"
-    args = [python, _short(script) or str(script), "--checkpoint", str(checkpoint), "--image", str(image),
+    args = [_python(), _short(script) or str(script), "--checkpoint", str(checkpoint), "--image", str(image),
             "--instruction", instruction, "--resolution", "0", "--steps", str(sampling["steps"]), "--scheduler",
             str(sampling["scheduler"]), "--text-guidance", f"{sampling['text_guidance']:g}", "--image-guidance",
             f"{sampling['image_guidance']:g}", "--seed", str(sampling["seed"]), "--output", str(output)]
@@ -409,8 +412,7 @@ def webui_command(checkpoint: str | os.PathLike, sampling: dict[str, Any]) -> st
     """The ``python -m ip2p.webui`` command that serves ``checkpoint`` with the evaluation's settings as defaults."""
     import shlex
 
-    python = (_short(sys.executable) or sys.executable) if sys.executable else "python"
-    return shlex.join([python, "-m", "ip2p.webui", "--checkpoint", str(checkpoint), "--resolution", "0", "--steps",
+    return shlex.join([_python(), "-m", "ip2p.webui", "--checkpoint", str(checkpoint), "--resolution", "0", "--steps",
                        str(sampling["steps"]), "--scheduler", str(sampling["scheduler"]), "--text-guidance",
                        f"{sampling['text_guidance']:g}", "--image-guidance", f"{sampling['image_guidance']:g}"])
 
