@@ -282,6 +282,13 @@ def _set_attention(unet, kind: str) -> None:
     # sdpa: diffusers' default processors already use torch's scaled_dot_product_attention.
 
 
+def _remove_earlier_export(path: Path, why: str) -> None:
+    """Delete an earlier run's export file at ``path``, if there is one, and say so."""
+    if path.exists():
+        path.unlink()
+        logger.info("removed the earlier export's %s (%s)", path, why)
+
+
 def _trainable(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters training updates, in a fixed order (all of them, or LoRA's adapters and conv_in)."""
     return [p for p in unet.parameters() if p.requires_grad]
@@ -835,19 +842,16 @@ class Trainer:
                 logger.info("exported the LoRA adapters alone (%.1f MB): %s; infer.py --checkpoint %s --lora %s",
                             adapter_path.stat().st_size / 1e6, adapter_path, self.cfg.model.pretrained, adapter_path)
                 merge_lora(unet)  # a whole model: every tool loads it without knowing about adapters
-            elif adapter_path.exists():  # an earlier LoRA run's in this folder: not this model's
-                adapter_path.unlink()
-                logger.info("removed the earlier export's %s (this run trained the whole UNet)", adapter_path)
+            else:  # an earlier LoRA run's in this folder: not this model's
+                _remove_earlier_export(adapter_path, "this run trained the whole UNet")
             components = SimpleNamespace(unet=unet, vae=self.vae.float(), text_encoder=self.text_encoder.float(),
                                          tokenizer=self.tokenizer, scheduler=scheduler,
                                          scale_source_latent=self.cfg.model.scale_source_latent)
             meta = {"config": cfgmod.to_dict(self.cfg), "step": self.global_step, "ema": self.ema is not None}
             single_path = self.out / "final.safetensors"
-            if single_path.exists():
-                # An earlier export's: removed first, so that it never sits beside a newer final/ (a kill between
-                # the two writes, train.final_single_file=false now, or a single file this model cannot have).
-                single_path.unlink()
-                logger.info("removed the earlier export's %s (this export replaces it)", single_path)
+            # Removed first, so that an earlier one never sits beside a newer final/ (a kill between the two writes,
+            # train.final_single_file=false now, or a single file this model cannot have).
+            _remove_earlier_export(single_path, "this export replaces it")
             save_pipeline_folder(components, final, ip2p_metadata=meta)
             logger.info("exported %s weights as a diffusers folder: %s", "EMA" if self.ema else "final", final)
             if self.cfg.train.final_single_file:
