@@ -386,8 +386,7 @@ def load_single_file(path: str | os.PathLike, *, config_dir: str | None = None, 
     checkpoint = _read_checkpoint(path, allow_pickle)
     _check_ldm_layout(checkpoint, path)
     metadata = read_metadata(path) if path.suffix.lower() == ".safetensors" else {}
-    source = _config_source(config_dir, checkpoint, path)
-    local_only = Path(source).is_dir() or hub_offline()
+    source, local_only = _config_source(config_dir, checkpoint, path)
     in_channels = int(checkpoint[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1])
     # LDM names EMA copies after the parameter with its dots removed: model_ema.diffusion_modelinput_blocks00weight
     has_ema = any(k.startswith("model_ema.diffusion_model") for k in checkpoint)
@@ -484,8 +483,9 @@ def _check_ldm_layout(checkpoint: dict[str, torch.Tensor], path: Path) -> None:
                          "expected a full SD/InstructPix2Pix single file")
 
 
-def _config_source(config_dir: str | None, checkpoint: dict[str, torch.Tensor], path: Path) -> str:
-    """Where the architecture comes from: the given folder, a hub id (online), or the repo diffusers infers (online)."""
+def _config_source(config_dir: str | None, checkpoint: dict[str, torch.Tensor], path: Path) -> tuple[str, bool]:
+    """Where the architecture comes from: the given folder, a hub id (online), or the repo diffusers infers (online);
+    and whether to read it from local files only (a folder, or no hub: asked once, it may cost a DNS lookup)."""
     if config_dir is not None:
         folder = Path(config_dir)
         if folder.is_dir():
@@ -493,11 +493,11 @@ def _config_source(config_dir: str | None, checkpoint: dict[str, torch.Tensor], 
             if missing:
                 raise ValueError(f"config_dir={config_dir!r} lacks {', '.join(missing)}; expected a diffusers pipeline "
                                  "folder of the same model family (unet/ vae/ text_encoder/ tokenizer/ scheduler/)")
-            return str(folder)
+            return str(folder), True
         if folder.exists() or str(config_dir).count("/") != 1:
             raise FileNotFoundError(f"config_dir={config_dir!r} is not a folder; expected a local diffusers pipeline "
                                     "folder of the model family the file was trained from")
-        return str(config_dir)
+        return str(config_dir), hub_offline()
     from diffusers.loaders.single_file_utils import fetch_diffusers_config
 
     repo = fetch_diffusers_config(checkpoint)["pretrained_model_name_or_path"]  # from the keys: no download
@@ -506,13 +506,13 @@ def _config_source(config_dir: str | None, checkpoint: dict[str, torch.Tensor], 
 
         if isinstance(try_to_load_from_cache(repo, "unet/config.json"), str):
             logger.info("no config_dir given: taking the architecture of %s from %s (hub cache)", path, repo)
-            return repo
+            return repo, True
         # At once, not after diffusers has retried each file for half a minute.
         raise ValueError(f"loading {path} offline (HF_HUB_OFFLINE is set or {hub_host()} cannot be reached) needs a "
                          f"local diffusers folder giving the architecture ({repo} is not in the hub cache): pass "
                          "config_dir (--config-dir), e.g. a Stable Diffusion 1.5 pipeline folder")
     logger.info("no config_dir given: taking the architecture of %s from %s (hub)", path, repo)
-    return repo
+    return repo, False
 
 
 def _check_keys_present(checkpoint: dict[str, torch.Tensor], path: Path, source: str, in_channels: int,
