@@ -203,10 +203,10 @@ def _run_text(args, lm: str, out: Path):
     config = _text_config(args)
     path = sharded_path(out, shard)
     recorded = {"config": config, "shard": shard, "safety": safety, "model": lm, "caption_file": args.captions}
-    open_progress(captions, path, **recorded)  # a resume with other settings fails before the LM loads
+    state = open_progress(captions, path, **recorded)  # a resume with other settings fails before the LM loads
     device = _device(args.device)
     generator = HFGenerator.from_pretrained(lm, config, device=device, dtype=_dtype(args.dtype, device))
-    stats = run_text_stage(captions, path, generator, **recorded, progress=not args.quiet)
+    stats = run_text_stage(captions, path, generator, **recorded, progress=not args.quiet, state=state)
     logger.info("wrote %d triples to %s", stats.kept, path)
     return path, stats
 

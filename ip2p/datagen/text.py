@@ -381,10 +381,17 @@ def open_progress(captions: Sequence[str], out_path: str | os.PathLike, *, confi
     """The progress state to continue ``out_path`` from (a fresh one when there is no progress file); writes nothing.
 
     Raises a one-line ValueError when the file was written by another shard, from other captions, or with other
-    settings (see :func:`_settings`), naming what differs; call it before loading the LM to fail early.
+    settings (see :func:`_settings`), naming what differs; call it before loading the LM to fail early, and hand
+    the state to :func:`run_text_stage`.
     """
-    out = Path(out_path)
     items, _ = select_captions(captions, shard, safety)
+    return _open_progress(len(items), captions, Path(out_path), config=config, shard=shard, safety=safety, model=model,
+                          caption_file=caption_file)
+
+
+def _open_progress(count: int, captions: Sequence[str], out: Path, *, config: TextConfig, shard: Shard,
+                   safety: WordList | None, model: str | None, caption_file: str | os.PathLike | None) -> dict:
+    """:func:`open_progress` given ``count``, the number of captions this shard does (``select_captions``)."""
     progress_file = _progress_path(out)
     settings = _settings(captions, config, safety, model)
     caption_file = str(caption_file) if caption_file is not None else None
@@ -406,9 +413,9 @@ def open_progress(captions: Sequence[str], out_path: str | os.PathLike, *, confi
     if differences:
         raise ValueError(f"{out} was written with other settings ({'; '.join(differences)}); rerun with the ones it "
                          "was written with, or pass another --out to start a new file")
-    if state["done"] > len(items):
+    if state["done"] > count:
         raise ValueError(f"{progress_file} records {state['done']} finished captions but the caption list gives "
-                         f"this shard only {len(items)}; pass the same caption file or a new --out")
+                         f"this shard only {count}; pass the same caption file or a new --out")
     # A progress file of an earlier version records no settings: from its next commit on, it records these.
     state["settings"] = {**recorded, **settings}
     state["caption_file"] = caption_file if caption_file is not None else state.get("caption_file")
@@ -418,21 +425,23 @@ def open_progress(captions: Sequence[str], out_path: str | os.PathLike, *, confi
 def run_text_stage(captions: Sequence[str], out_path: str | os.PathLike, generate: GenerateFn, *,
                    config: TextConfig = TextConfig(), shard: Shard = Shard(), safety: WordList | None = None,
                    model: str | None = None, caption_file: str | os.PathLike | None = None,
-                   progress: bool = True) -> TextStats:
+                   progress: bool = True, state: dict | None = None) -> TextStats:
     """Write this shard's accepted triples to ``out_path`` (JSON lines), resuming an interrupted run.
 
     Each batch is appended and fsynced, then ``<out>.progress.json`` is replaced atomically with the new caption count
     and file size: the commit point. On restart the output is truncated to the committed size (a killed batch is
     redone, never duplicated). ``model`` (the LM's name) and ``caption_file`` are recorded with the sampling settings
-    and the captions' digest, and a restart with other ones is refused (:func:`open_progress`).
+    and the captions' digest, and a restart with other ones is refused (:func:`open_progress`). ``state``: what
+    ``open_progress`` returned for these same arguments (None: it is opened here).
     """
     from tqdm.auto import tqdm
 
     out = Path(out_path)
     items, input_drops = select_captions(captions, shard, safety)
     progress_file = _progress_path(out)
-    state = open_progress(captions, out, config=config, shard=shard, safety=safety, model=model,
-                          caption_file=caption_file)
+    if state is None:
+        state = _open_progress(len(items), captions, out, config=config, shard=shard, safety=safety, model=model,
+                               caption_file=caption_file)
     with output_errors(out):
         if not progress_file.is_file():  # committed before the first line: a run killed before its first commit resumes
             atomic.write_json(progress_file, state, ensure_ascii=False)
