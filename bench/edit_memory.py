@@ -37,11 +37,12 @@ def measure(folder: str, args: argparse.Namespace, low_memory: bool, out: str) -
     import numpy as np
     import torch
 
+    from ip2p.inference import DTYPES
     from ip2p.models import load_editor
     from ip2p.sampling import edit, make_scheduler
 
     device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     model = load_editor(folder, expand=False, device=device, torch_dtype=dtype)
     if low_memory:
         model.low_memory()

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
     from ip2p import tiny
+    from ip2p.inference import DTYPES
     from ip2p.models import load_editor
     from ip2p.sampling import edit, make_scheduler
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     with tempfile.TemporaryDirectory() as tmp:
         if args.checkpoint:
             folder = args.checkpoint
