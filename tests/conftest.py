@@ -33,3 +33,15 @@ def tiny_base_dir(tmp_path_factory):
 def tiny_sd_editor_dir(tmp_path_factory):
     """An SD-shaped 8-channel pipeline folder (single-file layout tests)."""
     return tiny.save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd_editor"), layout="sd", in_channels=8)
+
+
+@pytest.fixture(scope="session")
+def photo(tmp_path_factory):
+    """A small random RGB image file (24 x 32) to edit."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("img") / "in.png"
+    Image.fromarray((rng.random((24, 32, 3)) * 255).astype("uint8")).save(path)
+    return path

@@ -14,14 +14,6 @@ from ip2p.export import save_single_file
 from ip2p.models import load_editor
 
 
-@pytest.fixture(scope="module")
-def photo(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("img") / "in.png"
-    Image.fromarray((rng.random((24, 32, 3)) * 255).astype("uint8")).save(path)
-    return path
-
-
 def test_infer_gives_the_same_picture_as_diffusers(tiny_editor_dir, photo, tmp_path):
     out = tmp_path / "out.png"
     rc = infer.main(["--checkpoint", str(tiny_editor_dir), "--image", str(photo), "--instruction", "make it winter",

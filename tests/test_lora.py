@@ -86,7 +86,8 @@ def test_lora_run_trains_only_adapters_and_conv_in_exports_a_whole_model_and_res
     assert max_diff(unet_weights(part / "final"), exported) <= 1e-6
 
 
-def test_the_adapter_file_alone_rebuilds_the_exported_model_on_its_base(tmp_path, data_dir, tiny_base_dir, caplog):
+def test_the_adapter_file_alone_rebuilds_the_exported_model_on_its_base(tmp_path, data_dir, tiny_base_dir, photo,
+                                                                       caplog):
     from ip2p.models import load_editor
 
     out = tmp_path / "run"
@@ -124,7 +125,7 @@ def test_the_adapter_file_alone_rebuilds_the_exported_model_on_its_base(tmp_path
     # infer.py: the base and the adapter make the same picture as the exported model.
     import infer
 
-    common = ["--image", str(_photo(tmp_path)), "--instruction", "x", "--steps", "2", "--seed", "3", "--quiet",
+    common = ["--image", str(photo), "--instruction", "x", "--steps", "2", "--seed", "3", "--quiet",
               "--resolution", "24"]
     assert infer.main(["--checkpoint", "tiny", "--lora", str(adapter), "--output", str(tmp_path / "a.png"),
                        *common]) == 0
@@ -145,12 +146,6 @@ def test_the_adapter_file_alone_rebuilds_the_exported_model_on_its_base(tmp_path
     # A later run of the whole UNet in the same folder removes the adapters, which are not its model.
     assert train.main(overrides(out, data_dir, "train.max_steps=2", "train.lora_rank=0")) == 0
     assert not adapter.exists()
-
-
-def _photo(tmp_path):
-    path = tmp_path / "in.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(path)
-    return path
 
 
 def test_resuming_a_lora_run_as_a_full_one_is_explained(tmp_path, data_dir, caplog):
