@@ -45,6 +45,9 @@ DEFAULT_IMAGE_GUIDANCE = 1.5
 # diffusers' Euler-ancestral and PNDM steps cannot take an x0 ("sample") prediction; models trained so use Euler.
 NO_SAMPLE_PREDICTION = (EulerAncestralDiscreteScheduler, PNDMScheduler)
 DEFAULT_SAMPLE_SCHEDULER = "euler"
+# Samplers over continuous sigmas, which take any number of steps; the others index the training timesteps and fail
+# (IndexError) or silently give NaN or noise from as many steps as the model has training timesteps.
+ANY_STEPS = (EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LMSDiscreteScheduler, HeunDiscreteScheduler)
 
 
 def override_config(config: dict, **changes) -> dict:
@@ -114,6 +117,17 @@ def make_scheduler(name: str | None, base_config) -> object:
     return SCHEDULERS[name].from_config(base_config)
 
 
+def check_steps(scheduler, steps: int) -> None:
+    """Refuse a number of ``steps`` that ``scheduler`` cannot take (see ``ANY_STEPS``), before any work is done."""
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be at least 1")
+    limit = scheduler.config.get("num_train_timesteps")
+    if limit and steps >= limit and not isinstance(scheduler, ANY_STEPS):
+        usable = ", ".join(n for n, c in SCHEDULERS.items() if issubclass(c, ANY_STEPS))
+        raise ValueError(f"steps={steps} is too many for the {type(scheduler).__name__} sampler: it takes at most "
+                         f"{limit - 1} (the model has {limit} training timesteps); use fewer steps, or one of {usable}")
+
+
 def _step_kwargs(scheduler, generator: torch.Generator | None, eta: float) -> dict:
     """Pass ``generator``/``eta`` only to schedulers whose ``step`` takes them (ancestral, DDIM)."""
     params = inspect.signature(scheduler.step).parameters
@@ -129,8 +143,7 @@ def sample(denoiser: Denoiser, scheduler, latents: torch.Tensor, *, steps: int,
            generator: torch.Generator | None = None, eta: float = 0.0, progress: bool = True,
            callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Run ``scheduler`` for ``steps`` from initial noise ``latents`` (B, C, h, w), unscaled N(0, 1)."""
-    if steps < 1:
-        raise ValueError(f"steps={steps} must be at least 1")
+    check_steps(scheduler, steps)
     check_scheduler(scheduler)
     scheduler.set_timesteps(steps, device=latents.device)
     latents = latents * scheduler.init_noise_sigma

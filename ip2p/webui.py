@@ -122,7 +122,7 @@ class EditorService:
 
         from ip2p import images as img
         from ip2p.inference import check_text, draw_cfg
-        from ip2p.sampling import edit
+        from ip2p.sampling import check_steps, edit
 
         if not isinstance(request, dict):
             raise RequestError("the request must be a JSON object with image and instruction")
@@ -138,6 +138,10 @@ class EditorService:
                                f"{MAX_INSTRUCTION_CHARS}")
         d = self.defaults
         steps = _number(request, "steps", d["steps"], integer=True, low=1, high=MAX_STEPS)
+        try:
+            check_steps(self.scheduler, steps)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
         resolution = _number(request, "resolution", d["resolution"], integer=True, low=0, high=16384)
         if 0 < resolution < self.multiple:
             raise RequestError(f"resolution={resolution} is below {self.multiple}; give at least {self.multiple}, "

@@ -400,3 +400,27 @@ def test_a_hub_id_without_network_reads_the_hub_cache_at_once_or_says_why_it_can
         models.load_components("someone/other")
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # the proxy resolves names: not known here
     assert not models.hub_unreachable()
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_steps_a_sampler_cannot_take_are_refused_before_sampling(name):
+    """DDIM, DDPM and PNDM index past the training timesteps (IndexError) and DPM++/UniPC give NaN from 1000 steps of
+    a 1000-timestep model; the sigma samplers take any number."""
+    from ip2p.sampling import ANY_STEPS, sample
+
+    scheduler = make_scheduler(name, tiny.SD_SCHEDULER_CONFIG)
+    calls = []
+
+    def denoiser(x, t):
+        calls.append(t)
+        return x * 0.1
+
+    noise = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(sample(denoiser, scheduler, noise, steps=999, progress=False)).all()
+    calls.clear()
+    if issubclass(SCHEDULERS[name], ANY_STEPS):
+        assert torch.isfinite(sample(denoiser, scheduler, noise, steps=1000, progress=False)).all()
+    else:
+        with pytest.raises(ValueError, match=r"steps=1000 is too many .* at most 999 .* euler_a, euler, lms, heun"):
+            sample(denoiser, scheduler, noise, steps=1000, progress=False)
+        assert calls == []

@@ -268,3 +268,10 @@ def test_a_port_in_use_fails_before_the_model_loads(caplog, monkeypatch):
 def test_a_missing_checkpoint_is_a_one_line_error(tmp_path, caplog):
     assert webui.main(["--port", "0", "--checkpoint", str(tmp_path / "missing")]) == 2
     assert "error:" in caplog.text
+
+
+def test_steps_the_sampler_cannot_take_are_a_4xx_error_not_a_failed_edit(tiny_editor_dir, photo_bytes):
+    service = webui.EditorService(load_editor(tiny_editor_dir, expand=False), scheduler="ddim", resolution=16)
+    with pytest.raises(webui.RequestError, match="steps=1000 is too many for the DDIMScheduler sampler") as caught:
+        service.edit({"image": data_url(photo_bytes), "instruction": "x", "steps": 1000})
+    assert caught.value.status == 400
