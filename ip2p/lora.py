@@ -151,8 +151,13 @@ def load_adapter(unet: nn.Module, path: str | os.PathLike) -> dict:
     tensors, meta = read_adapter(path)
     try:
         rank, alpha = int(meta["rank"]), float(meta["alpha"])
+        settings = {"base": meta.get("base"), "scheduler_config": json.loads(meta.get("scheduler_config") or "{}"),
+                    "scale_source_latent": json.loads(meta.get("scale_source_latent") or "false")}
+        if not isinstance(settings["scheduler_config"], dict):
+            raise ValueError
     except (KeyError, ValueError):
-        raise ValueError(f"--lora {str(path)!r} has no valid rank/alpha in its header; re-export it") from None
+        raise ValueError(f"--lora {str(path)!r} has no valid rank, alpha, scheduler_config or scale_source_latent in "
+                         "its header; re-export it") from None
     prefixes = sorted({k[: -len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")})
     modules = dict(unet.named_modules())
 
@@ -163,11 +168,14 @@ def load_adapter(unet: nn.Module, path: str | os.PathLike) -> dict:
 
     missing = [p for p in prefixes if not fits(p)]
     conv, bias = tensors.get("conv_in.weight"), tensors.get("conv_in.bias")
-    if missing or not prefixes or conv is None or bias is None or conv.shape != unet.conv_in.weight.shape:
+    conv_fits = (conv is not None and bias is not None and conv.shape == unet.conv_in.weight.shape
+                 and bias.shape == unet.conv_in.bias.shape)
+    if missing or not prefixes or not conv_fits:
         what = (f"it adapts layers this UNet lacks or shapes otherwise (e.g. {missing[0]})" if missing else
                 "it holds no adapters" if not prefixes else
-                f"its conv_in is {tuple(conv.shape) if conv is not None else 'missing'}, this UNet's "
-                f"{tuple(unet.conv_in.weight.shape)}")
+                f"its conv_in is {tuple(conv.shape) if conv is not None else 'missing'} with bias "
+                f"{tuple(bias.shape) if bias is not None else 'missing'}, this UNet's "
+                f"{tuple(unet.conv_in.weight.shape)} with bias {tuple(unet.conv_in.bias.shape)}")
         raise ValueError(f"--lora {str(path)!r} does not fit this base model: {what}; it was trained on "
                          f"{meta.get('base')!r}: pass that as --checkpoint")
     add_lora(unet, rank, alpha, targets=prefixes)  # exactly the layers the file names
@@ -181,5 +189,4 @@ def load_adapter(unet: nn.Module, path: str | os.PathLike) -> dict:
         unet.conv_in.bias.copy_(bias.to(unet.conv_in.bias.dtype))
     merge_lora(unet)
     unet.requires_grad_(True)  # as from_pretrained leaves a model (see ip2p.models.load_editor)
-    return {"base": meta.get("base"), "scheduler_config": json.loads(meta.get("scheduler_config") or "{}"),
-            "scale_source_latent": json.loads(meta.get("scale_source_latent") or "false")}
+    return settings

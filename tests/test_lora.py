@@ -185,3 +185,27 @@ def test_lora_settings_without_a_rank_are_said_to_do_nothing(tmp_path, data_dir,
     assert train.main(overrides(tmp_path / "run", data_dir, "train.lora_rank=0", "train.lora_alpha=8",
                                 "train.max_steps=1")) == 0
     assert "train.lora_rank=0 trains the whole UNet" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["conv_in_bias", "scheduler_config", "scale_source_latent", "config_not_object"])
+def test_a_damaged_adapter_file_is_a_one_line_value_error_naming_it(tmp_path, damage):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ip2p.lora import load_adapter, save_adapter
+
+    unet = tiny.tiny_unet(layout="small", in_channels=8)
+    add_lora(unet, 2)
+    good = save_adapter(unet, tmp_path / "good.safetensors", base="tiny", scheduler_config={"beta_start": 0.001})
+    with safe_open(str(good), framework="pt") as f:
+        header = f.metadata()
+    tensors = load_file(good)
+    if damage == "conv_in_bias":
+        tensors["conv_in.bias"] = tensors["conv_in.bias"][:3].contiguous()
+    else:
+        header[damage.replace("config_not_object", "scheduler_config")] = "[1]" if damage.endswith("object") else "{x"
+    save_file(tensors, tmp_path / "bad.safetensors", metadata=header)
+    match = ("its conv_in is .* with bias \\(3,\\)" if damage == "conv_in_bias" else
+             "has no valid rank, alpha, scheduler_config or scale_source_latent in its header")
+    with pytest.raises(ValueError, match=f"--lora '{tmp_path / 'bad.safetensors'}'.*{match}"):
+        load_adapter(tiny.tiny_unet(layout="small", in_channels=8), tmp_path / "bad.safetensors")
