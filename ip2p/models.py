@@ -234,7 +234,10 @@ def _load_folder(source: str, torch_dtype: torch.dtype | None) -> dict:
         check_unet_supported(UNet2DConditionModel.load_config(source, subfolder="unet", **only), source)
         sched_config = diffusers.DDPMScheduler.load_config(source, subfolder="scheduler", **only)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **only)
-        check_tokenizer(tokenizer, f"checkpoint {source!r}")
+    except (OSError, EnvironmentError) as e:
+        raise _load_error(source, unreachable, e) from e
+    check_tokenizer(tokenizer, f"checkpoint {source!r}")
+    try:
         return {
             "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype, **only),
             "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype, **only),
@@ -243,21 +246,24 @@ def _load_folder(source: str, torch_dtype: torch.dtype | None) -> dict:
             "tokenizer": tokenizer,
             "scheduler": scheduler_from_config(sched_config),
         }
-    except (OSError, EnvironmentError) as e:
-        if local.exists():
-            first = first_line(e)
-            raise ValueError(f"checkpoint folder {source!r} is incomplete or damaged ({first}); re-export or "
-                             "re-download it") from e
-        if unreachable:
-            raise FileNotFoundError(
-                f"could not load {source!r}: it is not a local folder, the hub ({hub_host()}) cannot be reached from "
-                "this machine, and the local hub cache has no complete copy of it; pass a local diffusers folder or "
-                f"single file, or download it where there is network (`hf download {source}`) into this machine's "
-                "hub cache") from e
-        raise FileNotFoundError(
-            f"could not load {source!r}: it is not a local folder, and as a hub id it failed ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); check the path, or download it first when offline"
-        ) from e
+    except (OSError, RuntimeError, ValueError) as e:  # weights that do not fit their config: ValueError (diffusers),
+        raise _load_error(source, unreachable, e) from e  # RuntimeError (transformers)
+
+
+def _load_error(source: str, unreachable: bool, e: Exception) -> Exception:
+    """The one-line error for a diffusers folder or hub id that failed to load with ``e``."""
+    if Path(source).exists():
+        return ValueError(f"checkpoint folder {source!r} is incomplete or damaged ({first_line(e)}); re-export or "
+                          "re-download it")
+    if unreachable:
+        return FileNotFoundError(
+            f"could not load {source!r}: it is not a local folder, the hub ({hub_host()}) cannot be reached from "
+            "this machine, and the local hub cache has no complete copy of it; pass a local diffusers folder or "
+            f"single file, or download it where there is network (`hf download {source}`) into this machine's "
+            "hub cache")
+    return FileNotFoundError(
+        f"could not load {source!r}: it is not a local folder, and as a hub id it failed ({type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''}); check the path, or download it first when offline")
 
 
 def _builtin(name: str) -> dict:

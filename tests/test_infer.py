@@ -271,6 +271,26 @@ def test_infer_refuses_a_damaged_checkpoint_folder(tiny_editor_dir, photo, tmp_p
     assert errors and "'" + str(damaged) + "' is incomplete or damaged" in errors[-1] and "\n" not in errors[-1]
 
 
+@pytest.mark.parametrize("component", ["unet", "text_encoder"])
+def test_infer_refuses_weights_that_do_not_fit_their_config(tiny_editor_dir, photo, tmp_path, caplog, component):
+    """diffusers raises ValueError and transformers RuntimeError for them, neither naming the folder."""
+    import shutil
+
+    damaged = shutil.copytree(tiny_editor_dir, tmp_path / "damaged")
+    config_path = damaged / component / "config.json"
+    config = json.loads(config_path.read_text())
+    if component == "unet":
+        config["block_out_channels"] = [32, 32]
+    else:
+        config["hidden_size"] = 64
+    config_path.write_text(json.dumps(config))
+    rc = infer.main(["--checkpoint", str(damaged), "--image", str(photo), "--instruction", "x", "--quiet",
+                     "--output", str(tmp_path / "o.png")])
+    assert rc == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors and "'" + str(damaged) + "' is incomplete or damaged" in errors[-1] and "\n" not in errors[-1]
+
+
 def test_infer_instructions_file_that_is_not_text_names_the_file(photo, tmp_path, caplog):
     bad = tmp_path / "ins.txt"
     bad.write_bytes(b"\xff\xfe\x00 not utf-8")
