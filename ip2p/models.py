@@ -230,12 +230,13 @@ def _load_folder(source: str, torch_dtype: torch.dtype | None) -> dict:
     unreachable = not local.exists() and hub_unreachable()
     only = {"local_files_only": True} if unreachable else {}
     try:
-        # Before any weights: an SDXL UNet alone is 10 GB to read only to be refused.
-        check_unet_supported(UNet2DConditionModel.load_config(source, subfolder="unet", **only), source)
+        unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", **only)
         sched_config = diffusers.DDPMScheduler.load_config(source, subfolder="scheduler", **only)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **only)
-    except (OSError, EnvironmentError) as e:
+    except (OSError, ValueError, TypeError) as e:  # a damaged tokenizer.json or tokenizer_config.json: the latter two
         raise _load_error(source, unreachable, e) from e
+    # Before any weights: an SDXL UNet alone is 10 GB to read only to be refused.
+    check_unet_supported(unet_config, source)
     check_tokenizer(tokenizer, f"checkpoint {source!r}")
     try:
         return {

@@ -271,19 +271,23 @@ def test_infer_refuses_a_damaged_checkpoint_folder(tiny_editor_dir, photo, tmp_p
     assert errors and "'" + str(damaged) + "' is incomplete or damaged" in errors[-1] and "\n" not in errors[-1]
 
 
-@pytest.mark.parametrize("component", ["unet", "text_encoder"])
+@pytest.mark.parametrize("component", ["unet", "text_encoder", "tokenizer.json", "tokenizer_config.json"])
 def test_infer_refuses_weights_that_do_not_fit_their_config(tiny_editor_dir, photo, tmp_path, caplog, component):
-    """diffusers raises ValueError and transformers RuntimeError for them, neither naming the folder."""
+    """diffusers raises ValueError and transformers RuntimeError for them, and ValueError or TypeError for a damaged
+    tokenizer file, none naming the folder."""
     import shutil
 
     damaged = shutil.copytree(tiny_editor_dir, tmp_path / "damaged")
-    config_path = damaged / component / "config.json"
-    config = json.loads(config_path.read_text())
-    if component == "unet":
-        config["block_out_channels"] = [32, 32]
+    if component.startswith("tokenizer"):
+        (damaged / "tokenizer" / component).write_text("{broken" if component == "tokenizer.json" else "[1]")
     else:
-        config["hidden_size"] = 64
-    config_path.write_text(json.dumps(config))
+        config_path = damaged / component / "config.json"
+        config = json.loads(config_path.read_text())
+        if component == "unet":
+            config["block_out_channels"] = [32, 32]
+        else:
+            config["hidden_size"] = 64
+        config_path.write_text(json.dumps(config))
     rc = infer.main(["--checkpoint", str(damaged), "--image", str(photo), "--instruction", "x", "--quiet",
                      "--output", str(tmp_path / "o.png")])
     assert rc == 2
