@@ -130,6 +130,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     from safetensors.torch import load_file
 
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"--lora {str(path)!r} is a folder; pass the final.lora.safetensors file a LoRA run wrote "
+                         "(beside its final/ folder)")
     if not path.is_file():
         raise FileNotFoundError(f"--lora {str(path)!r} does not exist; pass the final.lora.safetensors a LoRA run "
                                 "wrote")

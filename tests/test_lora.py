@@ -209,3 +209,10 @@ def test_a_damaged_adapter_file_is_a_one_line_value_error_naming_it(tmp_path, da
              "has no valid rank, alpha, scheduler_config or scale_source_latent in its header")
     with pytest.raises(ValueError, match=f"--lora '{tmp_path / 'bad.safetensors'}'.*{match}"):
         load_adapter(tiny.tiny_unet(layout="small", in_channels=8), tmp_path / "bad.safetensors")
+
+
+def test_an_adapter_path_that_is_a_folder_is_said_to_be_one(tmp_path):
+    from ip2p.lora import load_adapter
+
+    with pytest.raises(ValueError, match=f"--lora '{tmp_path}' is a folder; pass the final.lora.safetensors file"):
+        load_adapter(tiny.tiny_unet(layout="small", in_channels=8), tmp_path)
