@@ -558,10 +558,15 @@ def _load_tokenizer_and_scheduler(source: str, local_only: bool) -> tuple[Any, A
     import diffusers
     from transformers import CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local_only)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local_only)
+        sched_config = diffusers.DDPMScheduler.load_config(source, subfolder="scheduler", local_files_only=local_only)
+        scheduler = scheduler_from_config(sched_config)
+    except (OSError, ValueError, TypeError, NotImplementedError) as e:  # damaged JSON, an unknown beta schedule
+        raise ValueError(f"config_dir={source!r} has a damaged tokenizer or scheduler ({first_line(e)}); re-export or "
+                         "re-download that folder") from e
     check_tokenizer(tokenizer, f"config_dir={source!r}")
-    sched_config = diffusers.DDPMScheduler.load_config(source, subfolder="scheduler", local_files_only=local_only)
-    return tokenizer, scheduler_from_config(sched_config)
+    return tokenizer, scheduler
 
 
 def _as_trained(scheduler: Any, metadata: dict) -> Any:

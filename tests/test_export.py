@@ -498,3 +498,16 @@ def test_config_dir_whose_tokenizer_lost_its_vocabulary_is_refused(sd_file, tiny
     (damaged / "tokenizer" / "tokenizer.json").unlink()
     with pytest.raises(ValueError, match="config_dir=.*damaged.* has a tokenizer without a vocabulary"):
         export.load_single_file(sd_file, config_dir=str(damaged))
+
+
+@pytest.mark.parametrize("damaged_file", ["tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
+                                          "scheduler/scheduler_config.json"])
+def test_config_dir_with_a_damaged_tokenizer_or_scheduler_file_is_a_value_error_naming_it(
+        sd_file, tiny_sd_editor_dir, tmp_path, damaged_file):
+    import shutil
+
+    damaged = shutil.copytree(tiny_sd_editor_dir, tmp_path / "damaged")
+    (damaged / damaged_file).write_text("[1]" if damaged_file.endswith("_config.json") and "tok" in damaged_file
+                                        else "{broken")
+    with pytest.raises(ValueError, match="config_dir=.*damaged.* has a damaged tokenizer or scheduler"):
+        export.load_single_file(sd_file, config_dir=str(damaged))
