@@ -32,6 +32,7 @@ from ip2p.sampling import (
     DEFAULT_STEPS,
     DEFAULT_TEXT_GUIDANCE,
     SCHEDULERS,
+    check_steps,
     default_scheduler,
     edit,
     make_scheduler,
@@ -149,6 +150,28 @@ def check_text(text: str, name: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError(f"{name} {text!r} is not valid UTF-8 text; pass it in UTF-8") from None
+
+
+def check_finite(out: torch.Tensor, text_guidance: float, image_guidance: float, dtype: torch.dtype) -> None:
+    """Refuse an edit whose pixels came out NaN (which would be saved as a black image without a word): guidance
+    scales so large that the guided prediction overflows, or a model that overflows in half precision."""
+    if not torch.isfinite(out).all():
+        raise ValueError(f"the edit came out as NaN (s_T={text_guidance:g}, s_I={image_guidance:g}, "
+                         f"{str(dtype).removeprefix('torch.')}): the guidance scales are too large for this model, or "
+                         "it overflows in half precision; lower --text-guidance/--image-guidance, or use --dtype fp32")
+
+
+def warn_if_truncated(tokenizer, instruction: str) -> str | None:
+    """Warn (and return the warning) when the text encoder will not read all of ``instruction``: CLIP reads 77
+    tokens and the rest is cut, as in diffusers' pipeline."""
+    limit = tokenizer.model_max_length
+    count = len(tokenizer(instruction).input_ids)  # with the start and end tokens, as the limit counts them
+    if count <= limit:
+        return None
+    shown = instruction if len(instruction) <= 80 else instruction[:77] + "..."
+    message = f"the instruction {shown!r} is {count} tokens; the text encoder reads only the first {limit}"
+    logger.warning("%s", message)
+    return message
 
 
 def read_instructions(args: argparse.Namespace) -> list[str]:
@@ -280,6 +303,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args)
     scheduler = make_scheduler(args.scheduler, model.scheduler.config)
     args.scheduler = args.scheduler or default_scheduler(model.scheduler.config.get("prediction_type"))
+    check_steps(scheduler, args.steps)
+    for instruction in dict.fromkeys(instructions):
+        warn_if_truncated(model.tokenizer, instruction)
     multiple = model.vae_scale_factor if args.multiple is None else args.multiple
     if multiple < 1 or multiple % model.vae_scale_factor:
         raise ValueError(f"--multiple {multiple} must be a positive multiple of the VAE's downsampling factor "
@@ -316,6 +342,7 @@ def run(args: argparse.Namespace) -> int:
                        generator=torch.Generator().manual_seed(seed), num_images_per_input=n, scheduler=scheduler,
                        progress=not args.quiet)
             logger.debug("edit took %.2fs", time.perf_counter() - started)
+            check_finite(out, s_t, s_i, model.dtype)
             results = img.tensor_to_images(out)
             if args.keep_size:
                 results = [r.resize(source.size, resample=Image.Resampling.LANCZOS) for r in results]

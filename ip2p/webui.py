@@ -12,7 +12,8 @@ The page talks to a small JSON API, which scripts may use too:
 - ``POST /edit`` with ``{"image": a data URL or base64 of an image file, "instruction": "...", "steps": 50,
   "text_guidance": 7.5, "image_guidance": 1.5, "seed": null (random) or an integer, "randomize_cfg": false,
   "resolution": 512}`` (all but the image and the instruction optional) answers ``{"image": a PNG data URL, "seed",
-  "text_guidance", "image_guidance", "steps", "scheduler", "size", "seconds"}``; a bad request answers 4xx with
+  "text_guidance", "image_guidance", "steps", "scheduler", "size", "seconds"}`` (and ``"warning"`` when the
+  instruction is longer than the text encoder reads); a bad request answers 4xx with
   ``{"error": one line saying what was wrong}``.
 """
 
@@ -121,7 +122,7 @@ class EditorService:
         import torch
 
         from ip2p import images as img
-        from ip2p.inference import check_text, draw_cfg
+        from ip2p.inference import check_finite, check_text, draw_cfg, warn_if_truncated
         from ip2p.sampling import check_steps, edit
 
         if not isinstance(request, dict):
@@ -136,6 +137,7 @@ class EditorService:
         if len(instruction) > MAX_INSTRUCTION_CHARS:
             raise RequestError(f"instruction has {len(instruction)} characters; keep it under "
                                f"{MAX_INSTRUCTION_CHARS}")
+        truncated = warn_if_truncated(self.model.tokenizer, instruction)
         d = self.defaults
         steps = _number(request, "steps", d["steps"], integer=True, low=1, high=MAX_STEPS)
         try:
@@ -168,6 +170,10 @@ class EditorService:
             out = edit(self.model, img.images_to_batch([resized]), [instruction], steps=steps,
                        text_guidance=text_guidance, image_guidance=image_guidance, scheduler=self.scheduler,
                        generator=torch.Generator().manual_seed(seed), progress=False)
+        try:
+            check_finite(out, text_guidance, image_guidance, self.model.dtype)
+        except ValueError as e:
+            raise RequestError(str(e).replace("--text-guidance/--image-guidance", "the guidance scales")) from None
         result = img.tensor_to_images(out)[0]
         seconds = time.perf_counter() - started
         buffer = io.BytesIO()
@@ -178,7 +184,8 @@ class EditorService:
                 "instruction": instruction, "seed": seed, "text_guidance": text_guidance,
                 "image_guidance": image_guidance, "steps": steps, "scheduler": self.scheduler_name,
                 "low_memory": self.model.unet_batch is not None,
-                "resolution": resolution, "size": list(result.size), "seconds": round(seconds, 2)}
+                "resolution": resolution, "size": list(result.size), "seconds": round(seconds, 2),
+                **({"warning": truncated} if truncated else {})}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -449,6 +456,7 @@ $('form').addEventListener('submit', async ev => {
     $('caption').textContent = '"' + out.instruction + '": s_T=' + out.text_guidance + ', s_I=' +
       out.image_guidance + ', seed ' + out.seed + ', ' + out.steps + ' ' + out.scheduler + ' steps, resolution ' +
       out.resolution + ', ' + out.size.join('x') + ' (' + out.seconds + ' s)';
+    if (out.warning) $('error').textContent = 'Note: ' + out.warning;
   } catch (e) { $('error').textContent = 'The server did not answer (' + e + '); is it still running?'; }
   finally { $('go').disabled = false; $('status').textContent = ''; }
 });

@@ -190,6 +190,7 @@ def test_infer_script_keeps_the_matmul_precision_diffusers_runs_with(monkeypatch
     ({"--sweep": None, "--sweep-image": "1,inf"}, "--sweep-image='1,inf' must hold finite numbers"),
     ({"--seed": str(2**64)}, "--seed 18446744073709551616 must be between 0 and 2**64 - 1"),
     ({"--resolution": "100000"}, "100000x75000 = 7500000000 pixels, over the limit"),
+    ({"--text-guidance": "1e300", "--steps": "2"}, "the edit came out as NaN (s_T=1e+300, s_I=1.5, float32)"),
 ])
 def test_infer_errors_are_one_line(tiny_editor_dir, photo, tmp_path, caplog, extra, message):
     if extra.get("--device") == "cuda" and torch.accelerator.is_available():
@@ -566,3 +567,26 @@ def test_a_device_index_past_those_pytorch_sees_is_refused(monkeypatch):
         resolve_device("cuda:1")
     with pytest.raises(ValueError, match="--device mps: PyTorch sees only cuda"):
         resolve_device("mps")
+
+
+def test_an_instruction_longer_than_the_text_encoder_reads_is_edited_with_a_warning(tiny_editor_dir, photo, tmp_path,
+                                                                                    caplog):
+    long = "make it winter " + "and snowy " * 60
+    out = tmp_path / "o.png"
+    assert infer.main(["--checkpoint", str(tiny_editor_dir), "--image", str(photo), "--instruction", long, "--quiet",
+                       "--steps", "1", "--resolution", "16", "--output", str(out)]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "tokens;" in r.getMessage()]
+    assert len(warnings) == 1 and "reads only the first 77" in warnings[0] and out.exists()
+    caplog.clear()
+    assert infer.main(["--checkpoint", str(tiny_editor_dir), "--image", str(photo), "--instruction", "make it winter",
+                       "--quiet", "--steps", "1", "--resolution", "16", "--output", str(out)]) == 0
+    assert not [r for r in caplog.records if "tokens;" in r.getMessage()]
+
+
+def test_steps_the_sampler_cannot_take_are_one_line_error_over_several_inputs(tiny_editor_dir, tmp_path, caplog):
+    for k in range(2):
+        Image.new("RGB", (16, 16), (k * 200, 0, 0)).save(tmp_path / f"{k}.png")
+    rc = infer.main(["--checkpoint", str(tiny_editor_dir), "--image", str(tmp_path / "*.png"), "--instruction", "x",
+                     "--quiet", "--scheduler", "ddim", "--steps", "1000", "--output", str(tmp_path / "out")])
+    assert rc == 2 and "steps=1000 is too many for the DDIMScheduler sampler" in caplog.text
+    assert not list((tmp_path / "out").glob("*.png"))

@@ -166,6 +166,7 @@ def test_random_seed_and_cfg_are_reported(server, photo_bytes):
     (["not", "an", "object"], "must be a JSON object"),
     ({"image": "IMAGE", "instruction": "x", "randomize_cfg": "false"}, "randomize_cfg='false' must be true or false"),
     ({"image": "IMAGE", "instruction": "a\ud800"}, "instruction 'a\\ud800' is not valid UTF-8 text"),
+    ({"image": "IMAGE", "instruction": "x", "image_guidance": 1e300}, "the edit came out as NaN"),
 ])
 def test_bad_requests_are_one_line_4xx_errors(server, photo_bytes, body, message):
     if isinstance(body, dict) and body.get("image") == "IMAGE":
@@ -275,3 +276,10 @@ def test_steps_the_sampler_cannot_take_are_a_4xx_error_not_a_failed_edit(tiny_ed
     with pytest.raises(webui.RequestError, match="steps=1000 is too many for the DDIMScheduler sampler") as caught:
         service.edit({"image": data_url(photo_bytes), "instruction": "x", "steps": 1000})
     assert caught.value.status == 400
+
+
+def test_an_instruction_longer_than_the_text_encoder_reads_comes_back_with_a_warning(tiny_editor_dir, photo_bytes):
+    service = webui.EditorService(load_editor(tiny_editor_dir, expand=False), steps=1, resolution=16)
+    out = service.edit({"image": data_url(photo_bytes), "instruction": "make it winter " + "and snowy " * 60})
+    assert "reads only the first 77" in out["warning"] and out["image"].startswith("data:image/png")
+    assert "warning" not in service.edit({"image": data_url(photo_bytes), "instruction": "make it winter"})
