@@ -101,7 +101,7 @@ def save_single_file(components: Any, path: str | os.PathLike, *, ip2p_metadata:
     ``ip2p_metadata``). Raises ValueError for models the original layout cannot express (save a folder instead).
     """
     path = Path(path)
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":
         raise ValueError(f"path={str(path)!r} must end in .safetensors (the single file is always safetensors)")
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"dtype={dtype} is not a floating-point dtype; expected e.g. torch.float16 or torch.bfloat16")

@@ -362,6 +362,11 @@ def load_editor(source: str | os.PathLike, *, config_dir: str | None = None, all
 
 
 def _as_bool(value: object) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes")
-    return bool(value)
+    """The checkpoint's ``scale_source_latent`` (a JSON bool, or a string in a safetensors header)."""
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes"):
+        return True
+    if text in ("0", "false", "no", "none", ""):
+        return False
+    raise ValueError(f"the checkpoint's metadata says scale_source_latent={value!r}, which is neither true nor false; "
+                     "fix it there, or pass --scale-source-latent yes or no")

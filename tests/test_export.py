@@ -158,6 +158,12 @@ def test_load_single_file_gives_the_same_weights_tokenizer_scheduler(sd_componen
     assert loaded["metadata"]["scale_source_latent"] is True
 
 
+def test_single_file_suffix_in_capitals_is_written_as_the_loader_reads_it(sd_components, tiny_sd_editor_dir,
+                                                                           tmp_path):
+    path = export.save_single_file(sd_components, tmp_path / "EDITOR.SAFETENSORS")
+    assert_same_models(sd_components, export.load_single_file(path, config_dir=str(tiny_sd_editor_dir)))
+
+
 def test_single_file_samples_as_its_run_trained_it(sd_components, sd_base_dir, tmp_path):
     """A file from a run with x0 prediction on zero-terminal-SNR betas, loaded with its base's (PNDM, epsilon) config
     folder, gets the run's scheduler settings, and a class that can step them: not the base's, silently."""

@@ -447,6 +447,19 @@ def test_infer_refuses_ip2p_metadata_that_is_not_an_object(tiny_editor_dir, phot
     assert errors and "ip2p.json holds a JSON list, expected an object" in errors[-1]
 
 
+def test_infer_refuses_a_scale_source_latent_that_is_neither_true_nor_false(tiny_editor_dir, photo, tmp_path, caplog):
+    import shutil
+
+    damaged = shutil.copytree(tiny_editor_dir, tmp_path / "damaged")
+    (damaged / "ip2p.json").write_text('{"scale_source_latent": "maybe"}\n')
+    args = ["--checkpoint", str(damaged), "--image", str(photo), "--instruction", "x", "--quiet", "--steps", "1",
+            "--resolution", "16", "--output", str(tmp_path / "o.png")]
+    assert infer.main(args) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors and "scale_source_latent='maybe', which is neither true nor false" in errors[-1]
+    assert infer.main([*args, "--scale-source-latent", "no"]) == 0  # the flag overrides what the file says
+
+
 def test_infer_names_an_inpainting_unet_as_such(photo, tmp_path, caplog):
     from ip2p import tiny
 
