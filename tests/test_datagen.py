@@ -508,6 +508,11 @@ def test_cli_bad_out_device_and_non_finite_settings_fail_before_any_model(tmp_pa
         (["text", "--model", missing, "--captions", str(a_file), "--out", str(a_file / "p.jsonl")],
          "the folder of --out"),
         (["filter", "--in", str(tmp_path), "--out", str(a_file)], "is a file"),
+        # 0 is a multiple of every downsampling factor: it used to reach the UNet (a negative size, torch.randn).
+        (["images", "--model", missing, "--prompts", str(a_file), "--out", str(tmp_path / "d"), "--height", "0"],
+         "image size 0x512 must be positive"),
+        (["images", "--model", missing, "--prompts", str(a_file), "--out", str(tmp_path / "d"), "--width", "-8"],
+         "image size 512x-8 must be positive"),
     ]
     for argv, message in cases:
         caplog.clear()

@@ -95,6 +95,8 @@ class ImageConfig:
         if self.steps < 1 or self.samples_per_pair < 1 or self.batch_size < 1:
             raise ValueError(f"steps={self.steps}, samples_per_pair={self.samples_per_pair} and "
                              f"batch_size={self.batch_size} must be at least 1")
+        if self.height < 1 or self.width < 1:  # 0 passes the sampler's multiple-of check, and fails in the UNet
+            raise ValueError(f"image size {self.height}x{self.width} must be positive, e.g. 512x512")
 
 
 @dataclass(frozen=True)
