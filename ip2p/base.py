@@ -937,6 +937,11 @@ def _spec_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, p
     if args.text_hidden_size < 1 or args.text_layers < 0:
         parser.error(f"--text-hidden-size {args.text_hidden_size} must be at least 1 and --text-layers "
                      f"{args.text_layers} at least 0")
+    from ip2p import tiny
+
+    if args.text_hidden_size % tiny.TEXT_ATTENTION_HEADS:  # CLIPTextConfig refuses it, with a traceback
+        parser.error(f"--text-hidden-size {args.text_hidden_size} must be a multiple of the text encoder's "
+                     f"{tiny.TEXT_ATTENTION_HEADS} attention heads, e.g. 32")
     pretraining = (_fields_from_args(parser, UNetPretraining, args, _UNET_PRETRAINING_OPTIONS, "pretrain-")
                    if pretrained else None)
     text = (_fields_from_args(parser, TextPretraining, args, _TEXT_PRETRAINING_OPTIONS, "text-")

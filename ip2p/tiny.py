@@ -126,6 +126,10 @@ def tiny_tokenizer(words: Sequence[str] = (), max_length: int = 77) -> CLIPToken
         return CLIPTokenizer(f"{tmp}/vocab.json", f"{tmp}/merges.txt", model_max_length=max_length)
 
 
+TEXT_ATTENTION_HEADS = 4
+"""Attention heads of :func:`tiny_text_encoder`; its ``hidden_size`` must be a multiple of it."""
+
+
 def tiny_text_encoder(vocab_size: int, seed: int = 0, hidden_size: int = 32, max_length: int = 77,
                       num_layers: int = 3) -> CLIPTextModel:
     """A randomly initialised CLIP text model. ``num_layers=0`` leaves only the embeddings and the final layer norm:
@@ -136,7 +140,7 @@ def tiny_text_encoder(vocab_size: int, seed: int = 0, hidden_size: int = 32, max
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=37,
-        num_attention_heads=4,
+        num_attention_heads=TEXT_ATTENTION_HEADS,
         num_hidden_layers=num_layers,
         max_position_embeddings=max_length,
         bos_token_id=vocab_size - 2,

@@ -310,7 +310,9 @@ def test_base_build_cli_options(tmp_path, capsys):
     differs = (embeds[0] - embeds[1]).abs().amax(-1) > 1e-6
     assert differs.nonzero().flatten().tolist() == [4]  # BOS, make, the, circle, <colour>
     for bad, message in ((["--unet-attention", "0,1,1"], "has 3 flags"), (["--unet-attention", "yes"], "0/1 flags"),
-                         (["--unet-channels", "24,32"], "not divisible by norm_num_groups")):
+                         (["--unet-channels", "24,32"], "not divisible by norm_num_groups"),
+                         # CLIPTextConfig used to refuse it deep in the build, with a traceback
+                         (["--text-hidden-size", "30"], "must be a multiple of the text encoder's 4 attention heads")):
         with pytest.raises(SystemExit):
             base.main(["build", str(tmp_path / "bad"), "--unet-channels", "32,32", *bad])
         assert message in capsys.readouterr().err
