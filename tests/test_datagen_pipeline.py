@@ -203,7 +203,18 @@ def test_cli_help_and_one_line_errors(tmp_path, capsys, caplog):
         with pytest.raises(SystemExit) as exit_info:
             cli.main([command, "--help"])
         assert exit_info.value.code == 0
-        assert "--quiet" in capsys.readouterr().out
+        out = " ".join(capsys.readouterr().out.split())
+        assert "--quiet" in out
+        # docs/datagen.md: every command's --help lists its flags with their defaults
+        assert "(default: " in out, command
+    for command, defaults in (("finetune-lm", ["1e-05", "512"]), ("text", ["0.7", "256", "64"]),
+                              ("images", ["100", "euler_a", "[7.5, 15.0]", "0.7", "1000", "600.0", "png"]),
+                              ("run", ["0.1", "512", "100", "4"])):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        for value in defaults:
+            assert f"(default: {value})" in out, (command, value)
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"input": "a", "edit": "b", "output": "c"}\n{"input": "a", "edit": "b"}\n')
     common = ["--model", "tiny", "--out", str(tmp_path / "o"), "--no-filter", *SMALL]

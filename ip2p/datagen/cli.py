@@ -302,6 +302,18 @@ def _cmd_run(args) -> int:
 
 
 # -- parser -----------------------------------------------------------------------------------------------------------
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Adds each flag's default to its help (docs/datagen.md promises them), unless the flag has none or its help
+    already says it (argparse.ArgumentDefaultsHelpFormatter also prints "(default: None)" and "(default: False)")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, argparse.SUPPRESS) or action.default is False
+                or "default" in text):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ip2p.datagen.config import FinetuneConfig
 
@@ -378,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_writer(p)
     _add_common(p)
     p.set_defaults(func=_cmd_run)
+    for p in sub.choices.values():
+        p.formatter_class = _DefaultsFormatter
     return parser
 
 
