@@ -223,6 +223,20 @@ def test_text_out_that_is_a_folder_is_named_as_such(tmp_path, caplog):
            f"--out {str(tmp_path)!r} is a folder; pass the JSON-lines file to write", caplog)
 
 
+def test_a_model_folder_that_is_not_a_causal_lm_is_one_line(tmp_path, caplog):
+    # transformers raises multi-line ValueErrors for these (an empty folder's tokenizer, a CLIP config)
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red car\n")
+    (tmp_path / "empty").mkdir()
+    clip = tiny.save_tiny_clip(tmp_path / "clip")
+    for model in (tmp_path / "empty", clip):
+        _fails(["text", "--model", str(model), "--captions", str(captions), "--out", str(tmp_path / "p.jsonl")],
+               f"language model {str(model)!r} could not be loaded (ValueError); pass a folder with a causal LM",
+               caplog)
+        _fails(["finetune-lm", "--model", str(model), "--out", str(tmp_path / "tuned")],
+               f"--model {str(model)!r} could not be loaded (ValueError); pass a causal LM folder", caplog)
+
+
 def test_filter_of_a_folder_that_is_not_an_images_stage_output_names_the_missing_columns(tmp_path, caplog):
     import pyarrow as pa
     import pyarrow.parquet as pq

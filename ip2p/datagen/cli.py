@@ -170,7 +170,7 @@ def _cmd_finetune(args) -> int:
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=_dtype(args.dtype, device, training=True))
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a folder of another kind of model (multi-line messages)
         raise FileNotFoundError(f"--model {args.model!r} could not be loaded ({type(e).__name__}); pass a causal LM "
                                 "folder or a hub id available offline") from e
     torch.manual_seed(args.seed)

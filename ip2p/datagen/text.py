@@ -172,7 +172,7 @@ class HFGenerator:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(source))
             model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: a folder of another kind of model (multi-line messages)
             raise FileNotFoundError(f"language model {str(source)!r} could not be loaded ({type(e).__name__}); pass a "
                                     "folder with a causal LM and its tokenizer, or a hub id available offline") from e
         if device is not None:
