@@ -244,6 +244,25 @@ def test_a_file_that_is_not_parquet_is_named(tmp_path):
         ev.load_examples(notes)
 
 
+def test_rows_without_a_target_or_scene_metadata_are_named_before_any_edit(dataset, tmp_path):
+    # A null target image or mask raised a TypeError from PIL at load; metadata without the scene raised a KeyError
+    # from the metrics after every example had been edited.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(sorted((dataset / "data").glob("test_heldout_combinations-*.parquet"))[0])
+    for column, value, reason in (("edited_image", None, "TypeError"), ("mask", None, "TypeError"),
+                                  ("metadata", None, "TypeError"), ("metadata", "{}", "KeyError: 'size'")):
+        field = table.schema.field(column)
+        bad = table.set_column(table.column_names.index(column), field,
+                               pa.array([value] * table.num_rows, type=field.type))
+        path = tmp_path / f"{column}.parquet"
+        pq.write_table(bad, path)
+        with pytest.raises(ValueError, match=rf"{column}.parquet: row 0 is not an edit example with a target image, "
+                                             rf"a mask and scene metadata \({reason}"):
+            ev.load_examples(path)
+
+
 def test_cli_help_gives_the_defaults_and_the_demo_settings(capsys):
     # `python -m ip2p.eval` with the demo's guidance but the default 20 steps is not the demo's evaluation (10 steps);
     # the help used to show neither default.

@@ -93,11 +93,18 @@ def load_examples(data: str | os.PathLike | Iterable[EditExample | Mapping[str, 
             if missing:
                 raise ValueError(f"{file} lacks the columns {sorted(missing)}; expected rows written by "
                                  "ip2p.synthetic.write_dataset")
-            for row in table.to_pylist():
-                example = EditExample.from_row(row)
-                if chosen and example.metadata.get("split", split) != split:
-                    other_splits.add(str(example.metadata.get("split")))
-                    continue
+            for index, row in enumerate(table.to_pylist()):
+                try:
+                    example = EditExample.from_row(row)
+                    if chosen and example.metadata.get("split", split) != split:
+                        other_splits.add(str(example.metadata.get("split")))
+                        continue
+                    # Scoring reads the scenes, subjects and colours of the metadata: check them before any edit.
+                    edit_success(example.target, example)
+                except (KeyError, TypeError, ValueError, IndexError) as error:
+                    raise ValueError(f"{file}: row {index} is not an edit example with a target image, a mask and "
+                                     f"scene metadata ({type(error).__name__}: {error}); expected rows written by "
+                                     "ip2p.synthetic.write_dataset") from None
                 examples.append(example)
                 if limit is not None and len(examples) >= limit:
                     return examples
