@@ -508,6 +508,8 @@ def test_cli_bad_out_device_and_non_finite_settings_fail_before_any_model(tmp_pa
         (["text", "--model", missing, "--captions", str(a_file), "--out", str(a_file / "p.jsonl")],
          "the folder of --out"),
         (["filter", "--in", str(tmp_path), "--out", str(a_file)], "is a file"),
+        (["finetune-lm", "--model", missing, "--out", str(tmp_path / "o"), "--max-length", "-5"],
+         "max_length=-5 must be at least 1"),
         # 0 is a multiple of every downsampling factor: it used to reach the UNet (a negative size, torch.randn).
         (["images", "--model", missing, "--prompts", str(a_file), "--out", str(tmp_path / "d"), "--height", "0"],
          "image size 0x512 must be positive"),

@@ -66,6 +66,8 @@ class FinetuneConfig:
         if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1 or self.gradient_accumulation < 1:
             raise ValueError(f"epochs={self.epochs} and lr={self.lr} must be > 0, batch_size={self.batch_size} and "
                              f"gradient_accumulation={self.gradient_accumulation} >= 1")
+        if self.max_length < 1:  # a negative one cut tokens off the end of every example, silently
+            raise ValueError(f"max_length={self.max_length} must be at least 1")
 
 
 @dataclass
