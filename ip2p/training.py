@@ -377,7 +377,6 @@ class Trainer:
             except OSError as e:  # a file in the way, no permission
                 raise ValueError(f"output_dir={cfg.output_dir!r} cannot be used as the run folder ({e.strerror}: "
                                  f"{e.filename}); choose another output_dir") from None
-            cfgmod.save(cfg, self.out / "config.yaml")
 
         # The data is opened before the base model (minutes for Stable Diffusion) so that a wrong data.path, split or
         # column is an error now; every data loader of the run reads these records.
@@ -886,6 +885,8 @@ class Trainer:
                     if i == len(candidates) - 1:
                         raise
                     logger.warning("%s; trying the one before it", e)
+        if self.is_main:  # only now: a run that fails to start (wrong data, a checkpoint it cannot load) must not
+            cfgmod.save(cfg, self.out / "config.yaml")  # replace the config of the run already in output_dir
         # wandb writes its run (offline too, with WANDB_MODE=offline) inside the run folder, not the working directory.
         acc.init_trackers("ip2p", config=_flat(cfgmod.to_dict(cfg)),
                           init_kwargs={"wandb": {"dir": str(self.out), "name": self.out.name}})

@@ -796,6 +796,17 @@ def test_an_output_dir_that_is_a_file_is_a_clear_error(tmp_path, data_dir, caplo
         caplog.clear()
 
 
+def test_a_run_that_fails_to_start_keeps_the_config_of_the_run_in_its_folder(tmp_path, data_dir, caplog):
+    out = tmp_path / "run"
+    assert train.main(overrides(out, data_dir, "train.max_steps=1")) == 0
+    written = (out / "config.yaml").read_text()
+    # Pointed at the wrong data, or resumed with a setting its checkpoint cannot load: the run stops, and the folder
+    # still says how its checkpoints were trained.
+    assert train.main(overrides(out, tmp_path / "no-such-data", "resume=latest")) == 2
+    assert train.main(overrides(out, data_dir, "train.max_steps=2", "resume=latest", "train.ema=false")) == 2
+    assert (out / "config.yaml").read_text() == written
+
+
 def test_resuming_an_older_checkpoint_starts_a_new_line_with_this_runs_settings(tmp_path, data_dir, caplog):
     out = tmp_path / "run"
     common = ("train.ema=false", "train.checkpoints_total_limit=0")
