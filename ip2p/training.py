@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -374,6 +375,7 @@ class Trainer:
         if self.is_main:
             try:
                 self.out.mkdir(parents=True, exist_ok=True)
+                tempfile.TemporaryFile(dir=self.out).close()  # an existing folder we cannot write to fails now too
             except OSError as e:  # a file in the way, no permission
                 raise ValueError(f"output_dir={cfg.output_dir!r} cannot be used as the run folder ({e.strerror}: "
                                  f"{e.filename}); choose another output_dir") from None

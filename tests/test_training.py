@@ -796,6 +796,27 @@ def test_an_output_dir_that_is_a_file_is_a_clear_error(tmp_path, data_dir, caplo
         caplog.clear()
 
 
+def test_an_output_dir_that_cannot_be_written_is_a_clear_error_before_the_model_loads(tmp_path, data_dir, caplog,
+                                                                                     monkeypatch):
+    import ip2p.training as training_mod
+
+    def never(*args, **kwargs):
+        raise AssertionError("the base model loaded before the run folder was checked")
+
+    monkeypatch.setattr(training_mod, "load_components", never)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    # An existing folder: mkdir succeeds, the first write fails. Root writes to a 0o555 folder, but not into /proc.
+    folders = [locked] if os.geteuid() != 0 else []
+    folders += [Path("/proc/self")] if Path("/proc/self").is_dir() else []
+    for out in folders:
+        assert train.main(overrides(out, data_dir)) == 2
+        assert f"output_dir={str(out)!r} cannot be used as the run folder" in caplog.text
+        assert "Traceback" not in caplog.text
+        caplog.clear()
+
+
 def test_a_run_that_fails_to_start_keeps_the_config_of_the_run_in_its_folder(tmp_path, data_dir, caplog):
     out = tmp_path / "run"
     assert train.main(overrides(out, data_dir, "train.max_steps=1")) == 0
