@@ -63,7 +63,7 @@ class DataConfig:
     streaming: bool = False
     """Stream the dataset instead of loading it (for sets larger than disk or RAM)."""
     resolution: int = 256
-    """Training resolution (square crops)."""
+    """Training resolution (square crops; a multiple of 8)."""
     random_resize: list[int] = field(default_factory=lambda: [256, 288])
     """Resize the short side to a random size in [lo, hi] before cropping (paper: 256-288)."""
     random_crop: bool = True
@@ -336,6 +336,10 @@ def validate(cfg: Config) -> Config:
         value = setting(cfg, key)
         if value < minimum:
             raise ConfigError(f"{key}={value} must be at least {minimum}")
+    if cfg.data.resolution % 8:
+        # The VAE maps 8 pixels to one latent cell (SD): the rest of a crop would be trained on silently cut off.
+        raise ConfigError(f"data.resolution={cfg.data.resolution} must be a multiple of 8 (the VAE's downsampling), "
+                          f"e.g. {cfg.data.resolution // 8 * 8} or {cfg.data.resolution // 8 * 8 + 8}")
     if not 0 <= cfg.seed < 2**32:
         raise ConfigError(f"seed={cfg.seed} must be in [0, 2**32 - 1]")
     for key in ("train.adam_beta1", "train.adam_beta2"):

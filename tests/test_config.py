@@ -54,6 +54,7 @@ def test_yaml_then_overrides(tmp_path):
     ("train.adam_eps=0", "train.adam_eps=0.0 must be positive"),
     ("seed=-1", "seed=-1 must be in [0, 2**32 - 1]"),
     ("data.resolution=4", "data.resolution=4 must be at least 8"),
+    ("data.resolution=250", "data.resolution=250 must be a multiple of 8 (the VAE's downsampling), e.g. 248 or 256"),
     ("validation.steps=0", "validation.steps=0 must be at least 1"),
     ("output_dir=", "output_dir is empty"),
 ])
