@@ -890,8 +890,15 @@ class Trainer:
         if self.is_main:  # only now: a run that fails to start (wrong data, a checkpoint it cannot load) must not
             cfgmod.save(cfg, self.out / "config.yaml")  # replace the config of the run already in output_dir
         # wandb writes its run (offline too, with WANDB_MODE=offline) inside the run folder, not the working directory.
-        acc.init_trackers("ip2p", config=_flat(cfgmod.to_dict(cfg)),
-                          init_kwargs={"wandb": {"dir": str(self.out), "name": self.out.name}})
+        try:
+            acc.init_trackers("ip2p", config=_flat(cfgmod.to_dict(cfg)),
+                              init_kwargs={"wandb": {"dir": str(self.out), "name": self.out.name}})
+        except Exception as e:  # wandb raises its own types: no API key, no network, a refused login
+            if "wandb" not in cfg.trackers:
+                raise
+            reason = " ".join(f"{type(e).__name__}: {e}".split())
+            raise ValueError(f"trackers=[wandb]: wandb could not start ({reason}); run `wandb login`, set "
+                             "WANDB_MODE=offline, or leave wandb out of trackers") from None
         accum = cfg.train.gradient_accumulation
         global_batch = self.global_batch
         data = self._batches(self.global_step * accum)

@@ -646,6 +646,18 @@ def test_wandb_logs_offline_into_the_run_folder(tmp_path, data_dir, monkeypatch)
     assert (out / "validation" / "step-000002.png").is_file()
 
 
+def test_wandb_that_cannot_start_is_a_clear_error(tmp_path, data_dir, caplog, monkeypatch):
+    import wandb
+
+    def no_login(*args, **kwargs):  # what wandb.init says online without an API key
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", no_login)
+    assert train.main(overrides(tmp_path / "wb", data_dir, "trackers=[wandb]")) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "No API key configured" in errors[0] and "WANDB_MODE=offline" in errors[0]
+
+
 def test_bf16_autocast_and_gradient_checkpointing_train(tmp_path, data_dir):
     out = tmp_path / "bf16"
     assert train.main(overrides(out, data_dir, "train.mixed_precision=bf16", "model.gradient_checkpointing=true",
