@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("data.path is empty: pass --config configs/<name>.yaml (e.g. configs/tiny.yaml) or set "
                               "data.path=<dataset>")
         final = train(cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as e:  # the last: a diverged loss
         logging.getLogger("train").error("error: %s", e)
         return 2
     logging.getLogger("train").info("done: %s", final)

@@ -646,6 +646,16 @@ def test_wandb_logs_offline_into_the_run_folder(tmp_path, data_dir, monkeypatch)
     assert (out / "validation" / "step-000002.png").is_file()
 
 
+def test_a_diverged_loss_is_a_clear_error(tmp_path, data_dir, caplog, monkeypatch):
+    import ip2p.training as training_mod
+
+    monkeypatch.setattr(training_mod, "per_example_mse", lambda pred, goal, weights=None: pred.float().mean((1, 2, 3))
+                        * float("nan"))
+    assert train.main(overrides(tmp_path / "nan", data_dir)) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "loss is nan at step 1" in errors[0] and "lower train.lr" in errors[0]
+
+
 def test_wandb_that_cannot_start_is_a_clear_error(tmp_path, data_dir, caplog, monkeypatch):
     import wandb
 
