@@ -749,6 +749,10 @@ class Trainer:
                            self.accelerator.num_processes, t.gradient_accumulation, step * self.global_batch,
                            self.samples_seen)
         logger.info("resumed from %s at step %d", path, self.global_step)
+        if self.global_step > self.cfg.train.max_steps:
+            logger.warning("the checkpoint is at step %d, past train.max_steps=%d: nothing is trained, and the step-%d "
+                           "model is exported as final; raise train.max_steps to train on", self.global_step,
+                           self.cfg.train.max_steps, self.global_step)
 
     @staticmethod
     def _saved_settings(path: Path) -> dict:

@@ -307,7 +307,7 @@ def test_max_minutes_stops_early_and_still_saves_and_exports(tmp_path, data_dir,
     assert train.main(overrides(tmp_path / "bad", data_dir, "train.max_minutes=-1")) == 2
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path, data_dir):
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, data_dir, caplog):
     full = tmp_path / "full"
     assert train.main(overrides(full, data_dir, "train.max_steps=4")) == 0
     part = tmp_path / "part"
@@ -319,6 +319,9 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, data_dir):
     assert max_diff(raw_full, raw_part) <= 1e-6
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         resolve_resume(str(tmp_path), str(full))
+    # A checkpoint past max_steps trains nothing: said, not silently exported as final.
+    assert train.main(overrides(full, data_dir, "train.max_steps=2", "resume=latest")) == 0
+    assert "the checkpoint is at step 4, past train.max_steps=2" in caplog.text
 
 
 def _env():
