@@ -105,6 +105,19 @@ def test_imagefolder_metadata_with_plain_relative_paths(tmp_path):
     assert _same_pixels(records.get(1)["target"], pair(1)[1])
 
 
+def test_imagefolder_with_top_level_metadata_only_says_so_when_another_split_is_asked(tmp_path, caplog):
+    folder = tmp_path / "imf"
+    names = write_image_files(folder, 2)
+    write_jsonl(folder / "metadata.jsonl", [
+        {"original_image": s, "instruction": f"edit {i}", "output_image": t} for i, (s, t) in enumerate(names)
+    ])
+    with caplog.at_level("INFO", logger="ip2p.data.records"):
+        assert open_records(folder, split="train", cache_dir=tmp_path / "cache").num_records == 2
+        assert "top-level" not in caplog.text
+        assert open_records(folder, split="test", cache_dir=tmp_path / "cache").num_records == 2
+    assert "has no test/ subfolder with metadata: using its top-level metadata.jsonl for split='test'" in caplog.text
+
+
 def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
     from datasets import DatasetDict
 

@@ -604,6 +604,9 @@ def _folder_records(root: str, label: str, *, split: str, columns: ColumnMap, st
 
     metadata = _metadata_file(root, split)
     if metadata is not None:
+        if split != "train" and os.path.dirname(metadata) == root.rstrip("/\\"):
+            logger.info("%s has no %s/ subfolder with metadata: using its top-level %s for split=%r", label, split,
+                        os.path.basename(metadata), split)
         return _imagefolder_records([metadata], label, split=split, columns=columns, streaming=streaming,
                                     cache_dir=cache_dir)
 
