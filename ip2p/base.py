@@ -847,7 +847,10 @@ def read_base_meta(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(","))
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated whole numbers, e.g. 48,96,128") from None
 
 
 def _flags(text: str) -> tuple[bool, ...]:

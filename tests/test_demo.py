@@ -311,6 +311,7 @@ def test_base_build_cli_options(tmp_path, capsys):
     assert differs.nonzero().flatten().tolist() == [4]  # BOS, make, the, circle, <colour>
     for bad, message in ((["--unet-attention", "0,1,1"], "has 3 flags"), (["--unet-attention", "yes"], "0/1 flags"),
                          (["--unet-channels", "24,32"], "not divisible by norm_num_groups"),
+                         (["--unet-channels", "32,x"], "'32,x': expected comma-separated whole numbers"),
                          # CLIPTextConfig used to refuse it deep in the build, with a traceback
                          (["--text-hidden-size", "30"], "must be a multiple of the text encoder's 4 attention heads")):
         with pytest.raises(SystemExit):

@@ -272,6 +272,9 @@ def test_cli_help_gives_the_defaults_and_the_demo_settings(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit) as bad:
+        main(["--checkpoint", "x", "--data", "y", "--output", "z", "--image-scales", "1,x"])
+    assert bad.value.code == 2 and "'1,x': expected comma-separated numbers" in capsys.readouterr().err
     for phrase in ("default 20; the demo evaluates with 10", "default 7.5; the demo evaluates with 1.5",
                    "default 1.5; the demo evaluates with 1.2", "default 32", "seed of the edits' noise (default 0)"):
         assert phrase in text, phrase

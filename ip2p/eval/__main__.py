@@ -20,7 +20,10 @@ logger = logging.getLogger("ip2p.eval")
 
 
 def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(","))
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers, e.g. 1,1.5,2") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
