@@ -764,9 +764,11 @@ class Trainer:
         return {key: cfgmod.setting(saved, key) for key in ("train.ema", "train.lora_alpha", *_STATE_SHAPING)}
 
     def _apply_hyperparameters(self) -> None:
-        """Give the loaded optimizer and LR schedule this run's hyperparameters: their saved states carry the old
+        """Give the loaded optimizer, LR schedule and EMA this run's hyperparameters: their saved states carry the old
         ones, so a run resumed with e.g. a lower train.lr would otherwise silently train with the old value."""
         t, schedule = self.cfg.train, self.lr_scheduler
+        if self.ema is not None:
+            self.ema.decay = t.ema_decay
         schedule.base_lrs = [t.lr] * len(schedule.base_lrs)
         schedule._last_lr = [t.lr * factor(schedule.last_epoch) for factor in schedule.lr_lambdas]
         for group, lr in zip(self.optimizer.param_groups, schedule._last_lr):

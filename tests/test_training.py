@@ -874,6 +874,15 @@ def test_resuming_an_older_checkpoint_starts_a_new_line_with_this_runs_settings(
     assert optimizer["param_groups"][0]["lr"] == pytest.approx(1e-2)
 
 
+def test_a_resumed_run_uses_its_own_ema_decay(tmp_path, data_dir):
+    """The saved EMA state carries the old decay; the resumed run's config (written beside it) names the new one."""
+    out = tmp_path / "run"
+    assert train.main(overrides(out, data_dir, "train.max_steps=1", "train.ema_decay=0.99")) == 0
+    assert train.main(overrides(out, data_dir, "train.max_steps=2", "train.ema_decay=0.5", "resume=latest")) == 0
+    ema = torch.load(out / "checkpoints" / "step-000002" / "custom_checkpoint_1.pkl", weights_only=False)
+    assert ema["decay"] == 0.5 and ema["num_updates"] == 2
+
+
 def test_resume_with_another_ema_setting_or_batch_is_explained(tmp_path, data_dir, caplog, monkeypatch):
     from ip2p import atomic
 
