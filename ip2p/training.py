@@ -403,13 +403,17 @@ class Trainer:
             raise cfgmod.ConfigError("model.zero_terminal_snr: the noise at the last timestep says nothing about "
                                      "the image, so epsilon prediction cannot work; set model.prediction_type to "
                                      "v_prediction or sample")
-        if cfg.validation.images:  # a sampler that cannot step this prediction type fails now, not mid-run
-            from ip2p.sampling import make_scheduler
+        if cfg.validation.images:  # a sampler that cannot step this prediction type, or as many steps, fails now
+            from ip2p.sampling import check_steps, make_scheduler
 
             try:
-                make_scheduler(cfg.validation.scheduler, self.base_scheduler_config)
+                sampler = make_scheduler(cfg.validation.scheduler, self.base_scheduler_config)
             except ValueError as e:
                 raise cfgmod.ConfigError(f"validation.scheduler: {e}") from None
+            try:
+                check_steps(sampler, cfg.validation.steps)
+            except ValueError as e:
+                raise cfgmod.ConfigError(f"validation.steps: {e}") from None
             from ip2p.images import load_image
 
             for path in cfg.validation.images:  # a missing image would otherwise stop the run at its first validation

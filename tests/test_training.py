@@ -798,6 +798,17 @@ def test_unusable_data_and_validation_images_fail_before_training(tmp_path, data
     assert "validation.images" in caplog.text and str(missing) in caplog.text and not list_checkpoints(out)
 
 
+def test_validation_steps_the_sampler_cannot_take_fail_before_training(tmp_path, data_dir, caplog):
+    """DDIM indexes the training timesteps: 1000 validation steps would stop the run at its first validation."""
+    out = tmp_path / "run"
+    image = ROOT / "configs" / "examples" / "scene0.png"
+    assert train.main(overrides(out, data_dir, "validation.every=2", f"validation.images=[{image}]",
+                                "validation.instructions=[x]", "validation.scheduler=ddim",
+                                "validation.steps=1000")) == 2
+    assert "validation.steps: steps=1000 is too many for the DDIMScheduler" in caplog.text
+    assert not (out / "config.yaml").exists() and not list_checkpoints(out)  # nothing was trained
+
+
 def test_a_wrong_data_path_or_column_fails_before_the_base_model_loads(tmp_path, data_dir, caplog, monkeypatch):
     # Loading Stable Diffusion takes minutes: a typo in the data settings must not wait for it.
     import ip2p.training as training_mod
