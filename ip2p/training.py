@@ -740,6 +740,10 @@ class Trainer:
                              f"an older one (resume=<{checkpoint_dir(self.out)}/step-NNNNNN>, or resume=latest, which "
                              "skips damaged ones), or move it aside to start over") from e
         self.global_step = self.saved_step = step
+        # Checkpoints sit at optimizer-step boundaries. load_state restores Accelerate's micro-step count, which is
+        # only a multiple of the accumulation if train.gradient_accumulation is unchanged: otherwise every optimizer
+        # step after the resume would take another window of micro-batches than the loop's.
+        self.accelerator.step = 0
         self.samples_seen = int(state.get("samples_seen", 0))
         self.bad_records = int(state.get("bad_records", 0))
         self._apply_hyperparameters()

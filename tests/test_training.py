@@ -636,6 +636,19 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, data_dir):
     assert max_diff(unet_weights(big / "final"), unet_weights(acc / "final")) <= 1e-5
 
 
+def test_resuming_with_another_accumulation_split_of_the_same_global_batch_matches(tmp_path, data_dir):
+    """A checkpoint of step 1 (batch 4), resumed as batch 2 x accumulation 2: the same global batch, so the same
+    weights as the uninterrupted run; Accelerate's saved micro-step count must not shift the accumulation windows."""
+    common = ("train.max_steps=3", "train.checkpoint_every=1", "train.lr=1e-4", "train.adam_eps=1e-4")
+    big = tmp_path / "big"
+    assert train.main(overrides(big, data_dir, *common, "train.batch_size=4")) == 0
+    split = tmp_path / "split"
+    assert train.main(overrides(split, data_dir, *common, "train.batch_size=4", "train.max_steps=1")) == 0
+    assert train.main(overrides(split, data_dir, *common, "train.batch_size=2", "train.gradient_accumulation=2",
+                                "resume=latest")) == 0
+    assert max_diff(unet_weights(big / "final"), unet_weights(split / "final")) <= 1e-5
+
+
 def test_wandb_logs_offline_into_the_run_folder(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
