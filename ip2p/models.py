@@ -323,6 +323,11 @@ def load_editor(source: str | os.PathLike, *, config_dir: str | None = None, all
     convention); pass True for CosXL-style models that scale the source latent. ``lora``: an adapter file a LoRA run
     wrote (``final.lora.safetensors``), applied to ``source``, the base it was trained on, with the run's scheduler.
     """
+    if lora is not None:
+        run = Path(lora).expanduser().resolve().parent  # a run writes final/, final.safetensors and the adapter there
+        if Path(str(source)).expanduser().resolve() in (run / "final", run / "final.safetensors"):
+            raise ValueError(f"--checkpoint {str(source)!r} is the model the LoRA run exported with {str(lora)!r} "
+                             "already merged in; use it alone, or pass the base the run started from with --lora")
     components, meta = load_components(source, config_dir=config_dir, allow_pickle=allow_pickle,
                                        torch_dtype=torch_dtype)
     unet = components["unet"]

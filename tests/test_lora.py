@@ -111,6 +111,9 @@ def test_the_adapter_file_alone_rebuilds_the_exported_model_on_its_base(tmp_path
         load_editor("tiny", lora=next((out / "final" / "unet").glob("*.safetensors")))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_editor("tiny", lora=tmp_path / "absent.safetensors")
+    for merged in (out / "final", out / "final.safetensors"):  # the adapters would be applied a second time
+        with pytest.raises(ValueError, match="already merged in; use it alone, or pass the base"):
+            load_editor(merged, lora=adapter)
     from safetensors import safe_open
     from safetensors.torch import save_file
 
