@@ -342,6 +342,11 @@ def _data_fingerprint(path: str) -> list[tuple[str, int, int]]:
     return found
 
 
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
 class Trainer:
     """Holds the run's state; ``run()`` trains to ``train.max_steps`` and exports the final model."""
 
@@ -372,6 +377,8 @@ class Trainer:
             raise ValueError(f"WORLD_SIZE={world} processes were launched but Accelerate set up {acc.num_processes}; "
                              "launch with `accelerate launch` or `torchrun`, and check the Accelerate config")
         self.is_main = acc.is_main_process
+        if not self.is_main and not any(isinstance(f, _ErrorsOnly) for f in logger.filters):
+            logger.addFilter(_ErrorsOnly())  # the run's messages once, from the main process; errors from every one
         if self.is_main:
             try:
                 self.out.mkdir(parents=True, exist_ok=True)

@@ -452,12 +452,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun_train(args: list[str]) -> None:
-    """Run train.py under torchrun with 2 CPU processes (gloo); a failure shows the end of its stderr."""
+def torchrun_train(args: list[str]) -> str:
+    """Run train.py under torchrun with 2 CPU processes (gloo) and return its stderr; a failure shows its end."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            str(ROOT / "train.py"), *args]
     result = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
 
 
 def test_two_processes_match_one(tmp_path, data_dir):
@@ -477,6 +478,9 @@ def test_two_processes_match_one(tmp_path, data_dir):
     other = tmp_path / "other"
     assert train.main(overrides(other, data_dir, *common, "train.batch_size=4", "seed=1")) == 0
     assert max_diff(unet_weights(one / "final"), unet_weights(other / "final")) > 1e-4
+    # The run's messages come once, from the main process (STYLE), not once per process.
+    log = torchrun_train(overrides(two, data_dir, *common, "train.batch_size=2", "resume=latest"))
+    assert log.count("resumed from") == 1, log[-3000:]
 
 
 def test_latent_cache_skips_the_vae_and_changes_nothing(tmp_path, monkeypatch):
