@@ -567,11 +567,14 @@ class Trainer:
         if self._cache_dir is None:
             d = self.cfg.data
             # A cache is only valid for the same data (its subset, columns and, for a local dataset, its data files'
-            # names, sizes and times), split, preprocessing and VAE: they name its folder.
+            # names, sizes and times), split, preprocessing and VAE (in the precision it encodes with): they name its
+            # folder. The keys added later join only when set, so that earlier caches stay valid.
+            precision = self.cfg.train.mixed_precision
             key = json.dumps([d.path, d.split, d.resolution, d.random_resize, self.cfg.model.pretrained,
                               self.cfg.model.scale_source_latent, d.source_column, d.instruction_column,
                               d.target_column, _data_fingerprint(d.path)]
-                             + ([d.subset] if d.subset is not None else []), sort_keys=True)  # earlier caches stay
+                             + ([d.subset] if d.subset is not None else [])
+                             + ([precision] if precision != "no" else []), sort_keys=True)
             import hashlib
 
             digest = hashlib.sha256(key.encode()).hexdigest()[:16]

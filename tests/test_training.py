@@ -529,6 +529,11 @@ def test_latent_cache_skips_the_vae_and_changes_nothing(tmp_path, monkeypatch):
     trainer._cache_dir, trainer.cfg.data.subset = None, "clean"  # another configuration of a hub dataset
     assert trainer._cache_path(0).parent.parent != folder
     trainer._cache_dir, trainer.cfg.data.subset = None, None
+    trainer.cfg.train.mixed_precision = "bf16"  # the VAE encodes in bf16 then: other latents
+    assert trainer._cache_path(0).parent.parent != folder
+    trainer._cache_dir, trainer.cfg.train.mixed_precision = None, "no"
+    assert trainer._cache_path(0).parent.parent == folder
+    trainer._cache_dir = None
     shard = sorted(Path(small).rglob("*.parquet"))[0]
     shard.write_bytes(shard.read_bytes() + b"\0")
     trainer._cache_dir = None
