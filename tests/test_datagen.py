@@ -521,3 +521,13 @@ def test_cli_bad_out_device_and_non_finite_settings_fail_before_any_model(tmp_pa
         assert cli.main(argv) == 2, argv
         assert message in caplog.text, (argv, caplog.text)
     assert a_file.read_text() == "keep me"
+
+
+def test_no_filter_says_which_filter_flags_it_does_not_apply(caplog):
+    from ip2p.datagen.cli import _filter_config, build_parser
+
+    common = ["images", "--model", "tiny", "--prompts", "p.jsonl", "--out", "o", "--no-filter"]
+    assert _filter_config(build_parser().parse_args(common)) is None
+    assert "--no-filter keeps every sample" not in caplog.text
+    assert _filter_config(build_parser().parse_args([*common, "--keep-top", "2", "--min-dir-sim", "0.3"])) is None
+    assert "--no-filter keeps every sample: --min-dir-sim, --keep-top not applied now" in caplog.text
