@@ -152,13 +152,15 @@ def check_text(text: str, name: str) -> None:
         raise ValueError(f"{name} {text!r} is not valid UTF-8 text; pass it in UTF-8") from None
 
 
-def check_finite(out: torch.Tensor, text_guidance: float, image_guidance: float, dtype: torch.dtype) -> None:
+def check_finite(out: torch.Tensor, text_guidance: float, image_guidance: float, dtype: torch.dtype, *,
+                 scales: str = "--text-guidance/--image-guidance") -> None:
     """Refuse an edit whose pixels came out NaN (which would be saved as a black image without a word): guidance
-    scales so large that the guided prediction overflows, or a model that overflows in half precision."""
+    scales so large that the guided prediction overflows, or a model that overflows in half precision. ``scales``
+    names the settings to lower, as the caller's user sets them."""
     if not torch.isfinite(out).all():
         raise ValueError(f"the edit came out as NaN (s_T={text_guidance:g}, s_I={image_guidance:g}, "
                          f"{str(dtype).removeprefix('torch.')}): the guidance scales are too large for this model, or "
-                         "it overflows in half precision; lower --text-guidance/--image-guidance, or use --dtype fp32")
+                         f"it overflows in half precision; lower {scales}, or use --dtype fp32")
 
 
 def warn_if_truncated(tokenizer, instruction: str) -> str | None:

@@ -171,9 +171,9 @@ class EditorService:
                        text_guidance=text_guidance, image_guidance=image_guidance, scheduler=self.scheduler,
                        generator=torch.Generator().manual_seed(seed), progress=False)
         try:
-            check_finite(out, text_guidance, image_guidance, self.model.dtype)
+            check_finite(out, text_guidance, image_guidance, self.model.dtype, scales="the guidance scales")
         except ValueError as e:
-            raise RequestError(str(e).replace("--text-guidance/--image-guidance", "the guidance scales")) from None
+            raise RequestError(str(e)) from None
         result = img.tensor_to_images(out)[0]
         seconds = time.perf_counter() - started
         buffer = io.BytesIO()
