@@ -304,7 +304,7 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
 
 
 def _home(path: str | None) -> str | None:
-    return os.path.expanduser(path) if path and path.startswith("~") else path
+    return os.path.expanduser(path) if path else path
 
 
 def validate(cfg: Config) -> Config:

@@ -264,7 +264,7 @@ def _load_error(source: str, unreachable: bool, e: Exception) -> Exception:
             "hub cache")
     return FileNotFoundError(
         f"could not load {source!r}: it is not a local folder, and as a hub id it failed ({type(e).__name__}: "
-        f"{str(e).splitlines()[0] if str(e) else ''}); check the path, or download it first when offline")
+        f"{first_line(e)}); check the path, or download it first when offline")
 
 
 def _builtin(name: str) -> dict:
@@ -287,9 +287,7 @@ def load_components(source: str | os.PathLike, *, config_dir: str | None = None,
 
     ``source``: a diffusers folder, a hub id, a single checkpoint file, or a built-in name (``tiny``, ``tiny-sd``).
     """
-    source = str(source)
-    if source.startswith("~"):  # a YAML value or a quoted argument: no shell expanded it
-        source = os.path.expanduser(source)
+    source = os.path.expanduser(str(source))  # "~/..." from YAML or a quoted argument: no shell expanded it
     if source in BUILTIN_MODELS and not Path(source).exists():
         components = BUILTIN_MODELS[source]()
         if torch_dtype is not None:
