@@ -16,6 +16,7 @@ import shutil
 import signal
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -487,6 +488,7 @@ class Trainer:
         self.global_batch = cfg.train.batch_size * acc.num_processes * cfg.train.gradient_accumulation
         self.samples_seen = 0
         self.bad_records = 0
+        self.skipped_steps = 0  # steps whose whole batch was bad records (persisted with bad_records)
         self.vae_scale = vae_downsampling(self.vae)
 
     # -- data --
@@ -672,6 +674,7 @@ class Trainer:
         if self.is_main:
             cfgmod.save(self.cfg, tmp / "config.yaml")
             state = {"step": self.global_step, "samples_seen": self.samples_seen, "bad_records": self.bad_records,
+                     "skipped_steps": self.skipped_steps,
                      "data_step": self.global_step * self.cfg.train.gradient_accumulation,
                      "global_batch": self.global_batch, "ip2p_version": ip2p.__version__}
             (tmp / "ip2p_state.json").write_text(json.dumps(state, indent=2))
@@ -756,6 +759,7 @@ class Trainer:
         self.accelerator.step = 0
         self.samples_seen = int(state.get("samples_seen", 0))
         self.bad_records = int(state.get("bad_records", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self._apply_hyperparameters()
         saved_batch = state.get("global_batch")
         if saved_batch is not None and int(saved_batch) != self.global_batch:
@@ -943,23 +947,33 @@ class Trainer:
         window: list[float] = []  # losses since the last log line: one batch's loss is too noisy to read
         with _Preemption() as preempt:
             while self.global_step < cfg.train.max_steps:
-                losses, valid, bad = [], 0, 0
-                for _ in range(accum):
-                    batch = next(loader)
-                    # The data loader logs the first reasons and then counts; the total goes to the trackers.
-                    bad += int(batch["num_bad"])
-                    valid += int(batch["valid"].sum())
-                    losses.append(self.micro_step(batch))
+                batches = [next(loader) for _ in range(accum)]
+                # The data loader logs the first reasons and then counts; the total goes to the trackers.
+                bad = sum(int(batch["num_bad"]) for batch in batches)
+                valid = sum(int(batch["valid"].sum()) for batch in batches)
+                # A step whose whole global batch is bad updates nothing: an optimizer step on zero gradients would
+                # still move the weights (Adam's momentum, weight decay). Every process skips it alike.
+                if acc.num_processes > 1:
+                    valid = acc.reduce(torch.tensor(float(valid), device=acc.device), reduction="sum").item()
+                if valid:
+                    losses = [self.micro_step(batch) for batch in batches]
+                else:
+                    losses = [torch.zeros((), device=acc.device)]
+                    self.skipped_steps += 1
+                    if self.skipped_steps == 1:
+                        logger.warning("step %d: every record of its batch was bad; the step updates nothing "
+                                       "(further such steps are counted)", self.global_step + 1)
                 if not seen_valid:
-                    valid_t = torch.tensor(float(valid), device=acc.device)
-                    seen_valid = acc.reduce(valid_t, reduction="sum").item() > 0
+                    seen_valid = valid > 0
                     seen = (self.global_step + 1 - start_step) * global_batch
                     if not seen_valid and (seen >= check_valid or self.global_step + 1 == cfg.train.max_steps):
                         first = data.bad_records.reasons[:1] or ["(on another process)"]
                         raise ValueError(f"the first {seen} examples of data.path={cfg.data.path!r} were all bad "
                                          f"records, e.g. {first[0]}; check data.path, data.split and the "
                                          "data.*_column keys")
-                self.lr_scheduler.step()
+                with warnings.catch_warnings():  # a skipped first step is on purpose, not PyTorch's wrong order
+                    warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
+                    self.lr_scheduler.step()
                 if self.ema is not None:
                     self.ema.step(_trainable(acc.unwrap_model(self.unet)))
                 self.global_step += 1
@@ -975,19 +989,21 @@ class Trainer:
                 totals = acc.reduce(local, reduction="sum")
                 loss, bad = (totals / totals.new_tensor([acc.num_processes, 1])).tolist()  # one device sync
                 self.bad_records += int(bad)
-                if not math.isfinite(loss):
+                if valid and not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {self.global_step}; lower train.lr or use "
                                              "train.mixed_precision=bf16 instead of fp16")
                 lr = self.lr_scheduler.get_last_lr()[0]
                 elapsed = time.perf_counter() - started
                 rate = (self.global_step - start_step) * global_batch / max(elapsed, 1e-9)
-                window.append(loss)
-                bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}",
-                                bad=self.bad_records)
+                if valid:  # a skipped step computed no loss
+                    window.append(loss)
+                mean = sum(window) / len(window) if window else math.nan
+                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", bad=self.bad_records)
                 bar.update(1)
                 if self.global_step % cfg.train.log_every == 0 or self.global_step == cfg.train.max_steps:
-                    acc.log({"loss": sum(window) / len(window), "lr": lr, "samples_per_s": rate,
-                             "bad_records": self.bad_records}, step=self.global_step)
+                    logs = {"loss": mean} if window else {}
+                    acc.log({**logs, "lr": lr, "samples_per_s": rate, "bad_records": self.bad_records,
+                             "skipped_steps": self.skipped_steps}, step=self.global_step)
                     window.clear()
                 if cfg.validation.every and self.global_step % cfg.validation.every == 0:
                     self.validate()
@@ -1006,7 +1022,9 @@ class Trainer:
                     raise SystemExit(143)
             bar.close()
             if self.bad_records:
-                logger.warning("skipped %d bad records in total", self.bad_records)
+                logger.warning("skipped %d bad records in total%s", self.bad_records,
+                               f" ({self.skipped_steps} steps had no good record and updated nothing)"
+                               if self.skipped_steps else "")
             # Still under the handler: a SIGTERM now would kill the last checkpoint or the export half-way (nothing
             # breaks, both are atomic, but the run's result would wait for a resume), and they take seconds.
             if self.saved_step != self.global_step:  # a checkpoint of this step on disk may be an abandoned run's

@@ -757,6 +757,39 @@ def test_bad_records_are_skipped_counted_and_never_fatal(tmp_path):
     assert json.loads((list_checkpoints(two)[-1][1] / "ip2p_state.json").read_text())["bad_records"] == 1
 
 
+def test_a_step_whose_whole_batch_is_bad_updates_nothing(tmp_path, caplog):
+    import io
+
+    from datasets import Dataset, Features, Image as ImageFeature, Value
+    from PIL import Image
+
+    def png(colour):
+        buf = io.BytesIO()
+        Image.new("RGB", (20, 20), colour).save(buf, format="PNG")
+        return {"bytes": buf.getvalue(), "path": None}
+
+    torn = {"bytes": b"not an image", "path": None}
+    rows = {"input_image": [png("red"), png("blue"), torn, torn],
+            "edit_prompt": ["make it blue", "make it red", "x", "y"],
+            "edited_image": [png("blue"), png("red"), png("red"), png("blue")]}
+    features = Features({"input_image": ImageFeature(), "edit_prompt": Value("string"),
+                         "edited_image": ImageFeature()})
+    (tmp_path / "bad").mkdir()
+    Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "bad" / "train.parquet"))
+    # Step 2's batch is rows 2-3, both unreadable: AdamW on zero gradients would still move the weights (momentum).
+    for name, run in (("one", train.main), ("two", torchrun_train)):
+        out = tmp_path / name
+        per_process = "train.batch_size=2" if name == "one" else "train.batch_size=1"
+        result = run(overrides(out, tmp_path / "bad", "train.max_steps=2", per_process, "data.shuffle=false",
+                               "train.checkpoint_every=1", "train.weight_decay=0.01"))
+        assert result == 0 if name == "one" else "updates nothing" in result
+        (_, first), (_, second) = list_checkpoints(out)
+        assert max_diff(load_file(first / "model.safetensors"), load_file(second / "model.safetensors")) == 0
+        state = json.loads((second / "ip2p_state.json").read_text())
+        assert state["skipped_steps"] == 1 and state["bad_records"] == 2 and state["step"] == 2
+    assert "step 2: every record of its batch was bad; the step updates nothing" in caplog.text
+
+
 def test_damaged_checkpoint_is_a_clear_error_and_latest_falls_back(tmp_path, data_dir, caplog):
     out = tmp_path / "run"
     assert train.main(overrides(out, data_dir, "train.checkpoint_every=1", "train.max_steps=2")) == 0
