@@ -435,6 +435,33 @@ def test_writer_resume_drops_uncommitted_files_and_refuses_other_settings(tmp_pa
         DatasetWriter(out, formats="zip")
 
 
+def test_writer_refuses_pairs_whose_captions_differ_from_those_finished_by_any_shard(tmp_path):
+    out, pairs = tmp_path / "ds", _pairs(4)
+    for index in (0, 1):  # pair 0 by shard 0 of 2, pair 1 by shard 1
+        writer = DatasetWriter(out, shard=Shard(index, 2))
+        writer.add_pair(pairs[index], _samples(pairs[index], 1), tried=1)
+        writer.close()
+    resumed = DatasetWriter(out, shard=Shard(0, 2))
+    resumed.check_pairs(pairs)  # the same captions, and pairs not yet made: fine
+    other = Pair(1, "a thing 1", "make it blue", "a blue thing 1")
+    with pytest.raises(ValueError, match=r"already holds pair id 1 made from other captions than 'a thing 1' -> "
+                                         r"'a blue thing 1' \(1 such pairs\); resume with the prompts file"):
+        resumed.check_pairs([pairs[0], other])
+    # A manifest written before the digests existed: its pairs are not checked, and later commits stay aligned.
+    path = out / "_progress" / f"{Shard(0, 2).tag}.json"
+    manifest = json.loads(path.read_text())
+    del manifest["digests"]
+    path.write_text(json.dumps(manifest))
+    older = DatasetWriter(out, shard=Shard(0, 2))
+    older.check_pairs([Pair(0, "x", "y", "z")])
+    older.add_pair(pairs[2], _samples(pairs[2], 1), tried=1)
+    older.close()
+    manifest = json.loads(path.read_text())
+    assert manifest["done"] == [0, 2] and manifest["digests"][0] is None and manifest["digests"][1]
+    with pytest.raises(ValueError, match="already holds pair id 2"):
+        DatasetWriter(out, shard=Shard(1, 2)).check_pairs([Pair(2, "x", "y", "z")])
+
+
 def test_filter_reads_the_files_the_manifests_list_not_one_a_killed_run_left(tmp_path):
     import shutil
 

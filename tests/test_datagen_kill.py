@@ -309,6 +309,38 @@ def test_images_killed_at_each_commit_step_resume_to_the_uninterrupted_dataset(t
         assert open_records(out / "data", cache_dir=tmp_path / "cache").count() == 3  # what train.py reads
 
 
+def test_images_resumed_from_other_prompts_is_refused_before_the_model_loads_and_a_grown_file_resumes(
+        tmp_path, images_run, caplog, monkeypatch):
+    import shutil
+
+    from ip2p.datagen import cli, images
+
+    args, whole = images_run
+    prompts = Path(args[args.index("--prompts") + 1])
+    out = tmp_path / "out"
+    shutil.copytree(prompts.parent / "whole", out)
+    lines = prompts.read_text().splitlines()
+    edited = tmp_path / "edited.jsonl"  # pair 1 now says something else: resuming would mix two caption sets
+    edited.write_text("\n".join([lines[0], lines[1].replace("thing 1", "thing one"), *lines[2:]]) + "\n")
+    grown = tmp_path / "grown.jsonl"
+    write_prompts(grown, 4)
+    argv = [*args, "--out", str(out)]
+    argv[argv.index("--prompts") + 1] = str(edited)
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(images.PairSampler, "from_pretrained", no_model)
+        _fails(argv, f"{out} already holds pair id 1 made from other captions than 'a photo of thing one'", caplog)
+        assert "resume with the prompts file this folder was made from" in caplog.text
+    assert _dataset(out) == whole  # untouched
+    argv[argv.index("--prompts") + 1] = str(grown)
+    assert cli.main(argv) == 0
+    rows, _ = _dataset(out)  # the three pairs kept as they were, the fourth added
+    assert len(rows) == 4 and all(row in rows for row in whole[0])
+
+
 # -- a full disk, a read-only folder -------------------------------------------------------------------------------
 def _failing_writes(monkeypatch, after: int, code: int = errno.ENOSPC) -> None:
     """Every flush to disk of ``ip2p.atomic`` (the last step of each file it writes) after the first ``after`` raises

@@ -264,6 +264,7 @@ def _run_images(args, sd_model: str, prompts: list[str], out: Path) -> None:
                                                                if k != "batch_size"},
                 "filter": asdict(filter_config) if filter_config else None}
     writer = _writer(args, out, settings)
+    writer.check_pairs(pair for pair in pairs if _shard(args).owns(pair.id))  # before the model loads
     sampler = PairSampler.from_pretrained(sd_model, config, device=device, dtype=_dtype(args.dtype, device))
     scorer = ClipScorer(args.clip, device=device) if args.clip else None
     generate_images(pairs, sampler, writer, scorer=scorer, filter_config=filter_config, shard=_shard(args),

@@ -223,6 +223,7 @@ def generate_images(pairs: Sequence[Pair], sampler: PairSampler, writer, *, scor
     if filter_config is not None and scorer is None:
         raise ValueError("filtering needs a CLIP model; pass a scorer (--clip) or disable the filter (--no-filter)")
     mine = [pair for pair in pairs if shard.owns(pair.id)]
+    writer.check_pairs(mine)
     todo = [pair for pair in mine if pair.id not in writer.done_ids]
     n = sampler.config.samples_per_pair
     logger.info("image stage %s: %d pairs, %d done, %d to generate (%d samples each)", shard.tag, len(mine),

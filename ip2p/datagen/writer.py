@@ -15,12 +15,16 @@ Resuming. The unit of work is a caption pair (all its samples). Each process (sh
 buffered and committed in two atomic steps: the parquet file is written to a temporary name and ``os.replace``d into
 place, then the manifest is replaced. The manifest is the commit point: on restart, a parquet file of this shard that
 the manifest does not list (written just before a kill) is deleted and its pairs are generated again, so each pair
-ends up in exactly one committed file. Pairs are never split across files.
+ends up in exactly one committed file. Pairs are never split across files. The manifest also keeps a short digest of
+each finished pair's captions (``digests``, in the order of ``done``): a run resumed from a prompts file whose pair
+of the same id says something else is refused (:meth:`DatasetWriter.check_pairs`) instead of mixing two captions
+sets in one dataset; a prompts file that only grew resumes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -120,6 +124,11 @@ def _read_manifest(path: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON ({e}); restore it or delete it to redo its pairs") from None
 
 
+def pair_digest(pair: Pair) -> str:
+    """A short digest of a pair's three captions, recorded per finished pair so a resume can tell them apart."""
+    return hashlib.sha1("\n".join((pair.input, pair.edit, pair.output)).encode()).hexdigest()[:10]
+
+
 class DatasetWriter:
     """Collects the kept samples of finished pairs and commits them in batches (see the module docstring).
 
@@ -197,6 +206,21 @@ class DatasetWriter:
                 done.update(manifest.get("done", []))
         return done
 
+    def check_pairs(self, pairs: Iterable[Pair]) -> None:
+        """Refuse ``pairs`` if one has the id of a pair already finished here (by any shard) with other captions."""
+        known: dict[int, str] = {}
+        manifests = [m for m in read_manifests(self.out) if m.get("shard") != [self.shard.index, self.shard.count]]
+        for manifest in [self.manifest, *manifests]:
+            known.update((i, d) for i, d in zip(manifest.get("done", []), manifest.get("digests", [])) if d)
+        if not known:
+            return
+        differ = [pair for pair in pairs if pair.id in known and known[pair.id] != pair_digest(pair)]
+        if differ:
+            first = differ[0]
+            raise ValueError(f"{self.out} already holds pair id {first.id} made from other captions than "
+                             f"{first.input!r} -> {first.output!r} ({len(differ)} such pairs); resume with the "
+                             "prompts file this folder was made from, or write to a new output folder")
+
     @property
     def tried(self) -> int:
         return self.manifest["tried"] + sum(tried for _, tried, _ in self._pending)
@@ -231,6 +255,9 @@ class DatasetWriter:
             with output_errors(self.out / DATA_DIR / name):
                 atomic.write_bytes(self.out / DATA_DIR / name, data)
             manifest["files"] = manifest["files"] + [name]
+        # Manifests written before the digests existed have none for their pairs (null: not checked on resume).
+        digests = manifest.get("digests", [None] * len(manifest["done"]))
+        manifest["digests"] = digests + [pair_digest(pair) for pair, _, _ in self._pending]
         manifest["done"] = manifest["done"] + [pair.id for pair, _, _ in self._pending]
         manifest["tried"] = self.tried
         manifest["kept"] = self.kept
