@@ -726,24 +726,32 @@ def test_missing_optional_packages_are_clear_errors(tmp_path, data_dir, caplog, 
     assert "needs bitsandbytes" in caplog.text
 
 
-def test_bad_records_are_skipped_counted_and_never_fatal(tmp_path):
+def _records_with_unreadable_sources(folder: Path, sources: list[str | None]) -> Path:
+    """A parquet dataset in ``folder`` of 20x20 one-colour images; a None source is bytes no decoder reads."""
     import io
 
     from datasets import Dataset, Features, Image as ImageFeature, Value
     from PIL import Image
 
     def png(colour):
+        if colour is None:
+            return {"bytes": b"not an image", "path": None}
         buf = io.BytesIO()
         Image.new("RGB", (20, 20), colour).save(buf, format="PNG")
         return {"bytes": buf.getvalue(), "path": None}
 
-    rows = {"input_image": [png("red"), {"bytes": b"not an image", "path": None}, png("blue"), png("green")],
-            "edit_prompt": ["make it blue", "x", "make it red", "make it grey"],
-            "edited_image": [png("blue"), png("red"), png("red"), png("grey")]}
+    targets = ["blue", "red", "grey", "green"]
+    rows = {"input_image": [png(c) for c in sources], "edit_prompt": [f"make it {t}" for t in targets[:len(sources)]],
+            "edited_image": [png(t) for t in targets[:len(sources)]]}
     features = Features({"input_image": ImageFeature(), "edit_prompt": Value("string"),
                          "edited_image": ImageFeature()})
-    (tmp_path / "bad").mkdir()
-    Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "bad" / "train.parquet"))
+    folder.mkdir()
+    Dataset.from_dict(rows, features=features).to_parquet(str(folder / "train.parquet"))
+    return folder
+
+
+def test_bad_records_are_skipped_counted_and_never_fatal(tmp_path):
+    _records_with_unreadable_sources(tmp_path / "bad", ["red", None, "blue", "green"])
     out = tmp_path / "run"
     assert train.main(overrides(out, tmp_path / "bad", "train.max_steps=2", "train.batch_size=2",
                                 "data.shuffle=false")) == 0
@@ -758,24 +766,7 @@ def test_bad_records_are_skipped_counted_and_never_fatal(tmp_path):
 
 
 def test_a_step_whose_whole_batch_is_bad_updates_nothing(tmp_path, caplog):
-    import io
-
-    from datasets import Dataset, Features, Image as ImageFeature, Value
-    from PIL import Image
-
-    def png(colour):
-        buf = io.BytesIO()
-        Image.new("RGB", (20, 20), colour).save(buf, format="PNG")
-        return {"bytes": buf.getvalue(), "path": None}
-
-    torn = {"bytes": b"not an image", "path": None}
-    rows = {"input_image": [png("red"), png("blue"), torn, torn],
-            "edit_prompt": ["make it blue", "make it red", "x", "y"],
-            "edited_image": [png("blue"), png("red"), png("red"), png("blue")]}
-    features = Features({"input_image": ImageFeature(), "edit_prompt": Value("string"),
-                         "edited_image": ImageFeature()})
-    (tmp_path / "bad").mkdir()
-    Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "bad" / "train.parquet"))
+    _records_with_unreadable_sources(tmp_path / "bad", ["red", "blue", None, None])
     # Step 2's batch is rows 2-3, both unreadable: AdamW on zero gradients would still move the weights (momentum).
     for name, run in (("one", train.main), ("two", torchrun_train)):
         out = tmp_path / name
