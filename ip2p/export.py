@@ -45,6 +45,7 @@ VAE_PREFIX = "first_stage_model."
 # SD 1.x keeps the Hugging Face CLIP module names; SD 2.x stores OpenCLIP's own names.
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_TEXT_PREFIX = "conditioner.embedders."  # SDXL's two text encoders; SD 1.x/2.x files have one cond_stage_model
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 PIPELINE_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -466,6 +467,9 @@ def _read_checkpoint(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
 
 
 def _check_ldm_layout(checkpoint: dict[str, torch.Tensor], path: Path) -> None:
+    if any(k.startswith(SDXL_TEXT_PREFIX) for k in checkpoint):
+        raise ValueError(f"{path} is a Stable Diffusion XL checkpoint ({SDXL_TEXT_PREFIX}* keys: two text encoders); "
+                         "ip2p supports the SD 1.x/2.x architecture: pass an SD 1.x/2.x base or InstructPix2Pix file")
     conv_in = UNET_PREFIX + "input_blocks.0.0.weight"
     missing = []
     if conv_in not in checkpoint:

@@ -517,3 +517,14 @@ def test_config_dir_with_a_damaged_tokenizer_or_scheduler_file_is_a_value_error_
                                         else "{broken")
     with pytest.raises(ValueError, match="config_dir=.*damaged.* has a damaged tokenizer or scheduler"):
         export.load_single_file(sd_file, config_dir=str(damaged))
+
+
+def test_sdxl_single_file_is_refused_as_sdxl(tmp_path, sd_file, tiny_sd_editor_dir):
+    """SDXL keeps its two text encoders under conditioner.embedders.*: the error says SDXL, not 'no cond_stage_model'."""
+    state = {k.replace("cond_stage_model.transformer.", "conditioner.embedders.0.transformer."): v
+             for k, v in load_file(sd_file).items()}
+    state["conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"] = torch.zeros(4)
+    xl = tmp_path / "sdxl.safetensors"
+    save_file(state, xl)
+    with pytest.raises(ValueError, match=r"sdxl.safetensors is a Stable Diffusion XL checkpoint.*SD 1\.x/2\.x"):
+        export.load_single_file(xl, config_dir=str(tiny_sd_editor_dir))
