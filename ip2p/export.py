@@ -343,9 +343,17 @@ def _warn_ldm_defaults(unet_config: Any, vae_config: Any) -> None:
                        "config folder loads it exactly, ComfyUI/A1111 would assume SD's values", ", ".join(diffs))
 
 
+class _Unmappable(ValueError):
+    """A model the original layout cannot express; ``why`` says what, for readers that word the error their way."""
+
+    def __init__(self, what: str, why: str) -> None:
+        super().__init__(f"{what} cannot be written in the original Stable Diffusion single-file layout ({why}); "
+                         "save a diffusers pipeline folder instead (save_pipeline_folder)")
+        self.why = why
+
+
 def _unmappable(what: str, why: str) -> NoReturn:
-    raise ValueError(f"{what} cannot be written in the original Stable Diffusion single-file layout ({why}); "
-                     "save a diffusers pipeline folder instead (save_pipeline_folder)")
+    raise _Unmappable(what, why)
 
 
 # ---- original (LDM) single file: loading ----------------------------------------------------------------------------
@@ -532,7 +540,12 @@ def _check_keys_present(checkpoint: dict[str, torch.Tensor], path: Path, source:
         config = {**cls.load_config(source, subfolder=name, local_files_only=local_only), **overrides}
         with torch.device("meta"):  # shapes only: no memory, no init cost
             model = cls.from_config(config)
-        expected = _rename(model.state_dict(), rules(model.config), name, prefix)
+        try:
+            expected = _rename(model.state_dict(), rules(model.config), name, prefix)
+        except _Unmappable as e:  # e.g. an SDXL folder: no original-layout file fits it, so neither does this one
+            raise ValueError(f"config_dir={source!r} has a {name} that no original-layout file holds ({e.why}), so "
+                             f"{path} cannot be read with it; pass the --config-dir of the SD 1.x/2.x model family "
+                             "the file was trained from") from e
         missing = sorted(k for k in expected if k not in checkpoint)
         if missing:
             raise ValueError(f"{path} lacks {len(missing)} {name} weights that config_dir={source!r} needs (e.g. "

@@ -528,3 +528,20 @@ def test_sdxl_single_file_is_refused_as_sdxl(tmp_path, sd_file, tiny_sd_editor_d
     save_file(state, xl)
     with pytest.raises(ValueError, match=r"sdxl.safetensors is a Stable Diffusion XL checkpoint.*SD 1\.x/2\.x"):
         export.load_single_file(xl, config_dir=str(tiny_sd_editor_dir))
+
+
+@pytest.mark.parametrize("change", [
+    {"addition_embed_type": "text_time", "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 80},
+    {"down_block_types": ["AttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]}])
+def test_config_dir_of_an_architecture_no_single_file_holds_is_a_load_error(sd_file, tiny_sd_editor_dir, tmp_path,
+                                                                           change):
+    """An SDXL-like or otherwise unmappable config folder: the error is about reading the file with that folder, not
+    advice to save a diffusers folder (the writer's message)."""
+    import shutil
+
+    other = shutil.copytree(tiny_sd_editor_dir, tmp_path / "other")
+    config = json.loads((other / "unet" / "config.json").read_text())
+    (other / "unet" / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ValueError, match=r"config_dir=.*other.* has a unet .*editor.safetensors.*--config-dir") as e:
+        export.load_single_file(sd_file, config_dir=str(other))
+    assert "save_pipeline_folder" not in str(e.value)
