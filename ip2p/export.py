@@ -488,8 +488,11 @@ def _check_ldm_layout(checkpoint: dict[str, torch.Tensor], path: Path) -> None:
         missing.append(f"{CLIP_PREFIX}* or {OPEN_CLIP_PREFIX}*")
     if missing:
         hint = ""
-        if any(k.startswith(("conv_in.", "down_blocks.", "encoder.down_blocks.", "text_model.", "embeddings."))
-               for k in checkpoint):
+        if any(".lora_A." in k or ".lora_down." in k for k in checkpoint):
+            hint = (" (it holds LoRA adapters, not a whole model: pass the base model as --checkpoint and an ip2p "
+                    "adapter file, final.lora.safetensors, as --lora)")
+        elif any(k.startswith(("conv_in.", "down_blocks.", "encoder.down_blocks.", "text_model.", "embeddings."))
+                 for k in checkpoint):
             hint = " (it looks like one diffusers component: load its pipeline folder instead)"
         raise ValueError(f"{path} is not an original-layout SD checkpoint: no {', '.join(missing)} keys{hint}; "
                          "expected a full SD/InstructPix2Pix single file")

@@ -545,3 +545,16 @@ def test_config_dir_of_an_architecture_no_single_file_holds_is_a_load_error(sd_f
     with pytest.raises(ValueError, match=r"config_dir=.*other.* has a unet .*editor.safetensors.*--config-dir") as e:
         export.load_single_file(sd_file, config_dir=str(other))
     assert "save_pipeline_folder" not in str(e.value)
+
+
+def test_lora_adapter_file_given_as_the_checkpoint_points_at_the_lora_flag(tmp_path, tiny_sd_editor_dir):
+    """final.lora.safetensors beside final.safetensors is easily passed as --checkpoint: say it is adapters (--lora),
+    not 'one diffusers component'."""
+    from ip2p.lora import add_lora, save_adapter
+
+    unet = tiny.tiny_unet("sd", in_channels=8)
+    add_lora(unet, 2)
+    adapter = save_adapter(unet, tmp_path / "final.lora.safetensors", base="tiny-sd", scheduler_config={})
+    with pytest.raises(ValueError, match=r"final.lora.safetensors .*LoRA adapters.*--lora") as e:
+        export.load_single_file(adapter, config_dir=str(tiny_sd_editor_dir))
+    assert "pipeline folder" not in str(e.value)
