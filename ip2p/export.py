@@ -104,6 +104,8 @@ def save_single_file(components: Any, path: str | os.PathLike, *, ip2p_metadata:
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"path={str(path)!r} must end in .safetensors (the single file is always safetensors)")
+    if path.is_dir():
+        raise ValueError(f"path={str(path)!r} is an existing folder; expected a file path for the single file")
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"dtype={dtype} is not a floating-point dtype; expected e.g. torch.float16 or torch.bfloat16")
     state = to_ldm_state_dict(components)

@@ -558,3 +558,10 @@ def test_lora_adapter_file_given_as_the_checkpoint_points_at_the_lora_flag(tmp_p
     with pytest.raises(ValueError, match=r"final.lora.safetensors .*LoRA adapters.*--lora") as e:
         export.load_single_file(adapter, config_dir=str(tiny_sd_editor_dir))
     assert "pipeline folder" not in str(e.value)
+
+
+def test_single_file_path_that_is_a_folder_is_refused_before_writing(tmp_path):
+    folder = export.save_pipeline_folder(tiny.tiny_components("small"), tmp_path / "final.safetensors")
+    with pytest.raises(ValueError, match=r"final.safetensors' is an existing folder; expected a file path"):
+        export.save_single_file(tiny.tiny_components("small"), folder)
+    assert (folder / "model_index.json").is_file() and _siblings(folder) == []
