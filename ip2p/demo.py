@@ -37,6 +37,10 @@ MANAGED_KEYS = ("output_dir", "model.pretrained", "data.path")
 """Training config keys the demo sets from ``--output``; an override would train apart from the data and base it
 evaluates."""
 SPLIT_NAMES = {"heldout_combinations": "test_heldout_combinations", "heldout_phrasings": "test_heldout_phrasings"}
+RESULTS = ("metrics.json", "sweep.json", "sweep.csv", "sweep.png", "grid.png")
+"""The files a run writes after training, ``metrics.json`` (written last) first; with ``inputs/<k>.png``. A run deletes
+an earlier run's before it starts, so that one stopped on the way never leaves them beside its model as if they
+described it."""
 
 
 @dataclass(frozen=True)
@@ -249,6 +253,13 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
     cfg = load_config(config_path, [f"output_dir={out}", f"model.pretrained={out / 'base'}",
                                     f"data.path={out / 'data'}", f"seed={settings.seed}", *settings.overrides,
                                     *overrides])
+    old_results = [out / name for name in RESULTS if (out / name).is_file()]
+    old_results += sorted(p for p in (out / "inputs").glob("*.png") if p.stem.isdigit())  # the names it writes only
+    for path in old_results:
+        path.unlink(missing_ok=True)
+    if old_results:
+        logger.info("deleted the previous run's results in %s (%s)", out,
+                    ", ".join(str(p.relative_to(out)) for p in old_results))
 
     t = time.perf_counter()
     logger.info("1/6 data: %d training and 2 x %d test examples -> %s", settings.n_train, settings.n_test, out / "data")

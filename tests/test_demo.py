@@ -153,6 +153,32 @@ def test_ctrl_c_during_training_is_one_line_and_the_rerun_keeps_data_and_base(tm
                                                                                        ("base", "model_index.json"))}
 
 
+def test_a_rerun_stopped_after_training_leaves_no_results_of_the_previous_run(quick_run, tmp_path, monkeypatch, caplog):
+    import shutil
+
+    from ip2p.eval import sweep
+    from ip2p.models import read_ip2p_meta
+
+    caplog.set_level("INFO")
+    out = tmp_path / "run"
+    shutil.copytree(quick_run, out)
+    (out / "inputs" / "mine.png").write_bytes(b"not the demo's")
+    before = json.loads((out / "metrics.json").read_text())["training"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "guidance_sweep", interrupted)
+    # A rerun with other settings, stopped after it replaced the model: the earlier run's metrics.json (8 steps) and
+    # sweep files were left beside the new 4-step model, as if they described it.
+    assert demo.main(["--quick", "--output", str(out), "train.max_steps=4"]) == 130
+    assert before["steps"] == 8 and read_ip2p_meta(out / "final")["ip2p_config"]["step"] == 4
+    for name in ("metrics.json", "sweep.json", "sweep.csv", "sweep.png"):
+        assert not (out / name).exists(), name
+    assert (out / "inputs" / "mine.png").read_bytes() == b"not the demo's"  # only the names the demo writes go
+    assert "deleted the previous run's results" in caplog.text
+
+
 def test_infer_command_names_this_interpreter_when_run_from_another_folder(tmp_path, monkeypatch):
     import shlex
     import sys
