@@ -192,6 +192,28 @@ def test_cli_writes_metrics_and_sweep(tiny_editor_dir, dataset, tmp_path):
                  "--device", "banana"]) == 2
 
 
+def test_cli_stopped_in_the_sweep_leaves_no_older_sweep_beside_its_metrics(tiny_editor_dir, dataset, tmp_path,
+                                                                            monkeypatch):
+    from ip2p.eval.__main__ import main
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    for name in ("metrics.json", "sweep.json", "sweep.csv", "sweep.png"):
+        (out / name).write_text("an earlier run's")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sw, "guidance_sweep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--checkpoint", str(tiny_editor_dir), "--data", str(dataset), "--output", str(out), "--limit", "1",
+              "--steps", "1", "--sweep", "--sweep-limit", "1"])
+    # This run's metrics are written; the earlier run's sweep files, of another model or data, were left beside them.
+    assert set(json.loads((out / "metrics.json").read_text())) == {"test_heldout_combinations",
+                                                                     "test_heldout_phrasings"}
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]
+
+
 def test_cli_bad_inputs_fail_in_one_line_before_any_edit(tiny_editor_dir, dataset, tmp_path, caplog, monkeypatch):
     from ip2p.eval.__main__ import main
 

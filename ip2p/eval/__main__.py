@@ -87,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         clip = clip_scorer(args.clip)  # loaded once for every split and the sweep
         model = load_editor(args.checkpoint, config_dir=args.config_dir, expand=False, lora=args.lora,
                             device=resolve_device(args.device))
+        # The files this run writes replace an earlier run's: delete those now, so that a run stopped on the way
+        # never leaves them beside its own (an older sweep beside new metrics).
+        for name in ("metrics.json",) + (("sweep.json", "sweep.csv", "sweep.png") if args.sweep else ()):
+            (out / name).unlink(missing_ok=True)
         sampling = dict(steps=args.steps, text_guidance=args.text_guidance, image_guidance=args.image_guidance,
                         scheduler=args.scheduler, seed=args.seed, batch_size=args.batch_size)
         metrics = {}
