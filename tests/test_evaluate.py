@@ -65,6 +65,16 @@ def test_edits_are_reproducible_and_independent_of_batch_size(editor, examples):
     assert all(np.abs(a.astype(int) - b.astype(int)).max() <= 1 for a, b in zip(whole, split))
 
 
+def test_any_seed_edits_and_a_negative_one_keeps_its_noise(editor, examples):
+    kwargs = dict(steps=1, text_guidance=1.5, image_guidance=1.2, scheduler="euler", batch_size=2, progress=False)
+    # seed * 1_000_003 + i past 2**64 was "Overflow when unpacking long long", after the model had loaded.
+    assert len(ev.run_edits(editor, examples[:2], seed=10**14, **kwargs)) == 2
+    # A negative seed draws the noise it drew before (manual_seed maps s < 0 to s + 2**64 as the modulo does).
+    latents = ev._initial_latents(editor, [0, 1], -3, 64, 64)
+    expected = torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(-3 * 1_000_003 + 1))
+    assert torch.equal(latents[1], expected.to(latents.dtype))
+
+
 def test_oracle_editor_succeeds_everywhere_and_identity_nowhere(editor, examples, monkeypatch):
     _patch_edit(monkeypatch, examples, lambda e: e.target)
     oracle = ev.evaluate(editor, examples, steps=STEPS, progress=False)

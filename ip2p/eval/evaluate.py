@@ -142,10 +142,16 @@ def _as_scheduler(model: Any, scheduler: Any) -> Any:
     return scheduler
 
 
+def _generator(seed: int, index: int) -> torch.Generator:
+    """A CPU generator for example ``index`` of a run seeded with ``seed`` (any int: taken modulo 2**64, the range
+    ``manual_seed`` accepts, which maps a negative seed s to s + 2**64 itself)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) % 2**64)
+
+
 def _initial_latents(model: Any, indices: Sequence[int], seed: int, height: int, width: int) -> torch.Tensor:
     f = model.vae_scale_factor
     shape = (model.latent_channels, height // f, width // f)
-    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i)) for i in indices]
+    rows = [torch.randn(shape, generator=_generator(seed, i)) for i in indices]
     return torch.stack(rows).to(device=model.device, dtype=model.dtype)  # (B, C, h, w)
 
 
@@ -178,7 +184,7 @@ def run_edits(model: Any, examples: Sequence[EditExample], *, steps: int = 20, t
         latents = _initial_latents(model, range(start, start + len(chunk)), seed, *images.shape[-2:])
         out = edit(model, images, [e.instruction for e in chunk], steps=steps, text_guidance=text_guidance,
                    image_guidance=image_guidance, scheduler=sched, latents=latents,
-                   generator=torch.Generator().manual_seed(seed * 1_000_003 + start), progress=False)
+                   generator=_generator(seed, start), progress=False)
         array = (out.float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
         outputs.extend(array)
     return outputs
