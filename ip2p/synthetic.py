@@ -1052,6 +1052,7 @@ def write_dataset(
         (tmp / "README.md").write_text(_dataset_card(files, params))
         info = {"params": params, "num_rows": counts, "files": files}
         (tmp / PARAMS_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")  # last: marks completion
+        atomic.fsync_tree(tmp)  # a crash after the rename must not leave empty shards under a complete params.json
         _install(tmp, out, params)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -300,6 +300,19 @@ def test_writer_is_atomic_when_killed(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["syn"]
 
 
+def test_every_file_reaches_the_disk_before_the_dataset_is_renamed_into_place(tmp_path, monkeypatch):
+    from ip2p import atomic
+
+    synced, renamed = [], []
+    real_fsync, real_rename = atomic.fsync_file, os.rename
+    monkeypatch.setattr(atomic, "fsync_file", lambda path: synced.append(Path(path).name) or real_fsync(path))
+    monkeypatch.setattr(syn.os, "rename", lambda src, dst: renamed.append(set(synced)) or real_rename(src, dst))
+    out = _write(tmp_path / "syn")
+    # A crash (not just a kill) after the rename would otherwise leave empty shards that params.json calls complete.
+    files = {p.name for p in out.rglob("*") if p.is_file()}
+    assert len(renamed) == 1 and renamed[0] >= files
+
+
 def test_a_failed_install_puts_the_previous_dataset_back(tmp_path, monkeypatch):
     out = tmp_path / "syn"
     _write(out)
