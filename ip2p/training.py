@@ -489,6 +489,7 @@ class Trainer:
         self.samples_seen = 0
         self.bad_records = 0
         self.skipped_steps = 0  # steps whose whole batch was bad records (persisted with bad_records)
+        self.resumed = False  # whether run() loaded a checkpoint
         self.vae_scale = vae_downsampling(self.vae)
 
     # -- data --
@@ -708,8 +709,9 @@ class Trainer:
                     n += 1
                     aside = path.with_name(f"abandoned-{path.name}-{n}")
                 os.replace(path, aside)
-                logger.warning("moved %s aside to %s: this run, resumed from an older checkpoint, replaces the run "
-                               "that wrote it (delete it when it is not needed)", path.name, aside.name)
+                logger.warning("moved %s aside to %s: this run, %s, replaces the run that wrote it (delete it when "
+                               "it is not needed)", path.name, aside.name,
+                               "resumed from an older checkpoint" if self.resumed else "started from scratch")
         older = [path for step, path in found if step <= self.global_step]
         for path in older[: len(older) - (limit - 1)] if limit > 0 and len(older) > limit - 1 else []:
             doomed = path.with_name(f".del-{path.name}")
@@ -915,6 +917,7 @@ class Trainer:
                     if i == len(candidates) - 1:
                         raise
                     logger.warning("%s; trying the one before it", e)
+            self.resumed = True
         if self.is_main:  # only now: a run that fails to start (wrong data, a checkpoint it cannot load) must not
             cfgmod.save(cfg, self.out / "config.yaml")  # replace the config of the run already in output_dir
         # wandb writes its run (offline too, with WANDB_MODE=offline) inside the run folder, not the working directory.

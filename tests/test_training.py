@@ -920,7 +920,7 @@ def test_resuming_an_older_checkpoint_starts_a_new_line_with_this_runs_settings(
                                 "train.lr=1e-2", f"resume={out / 'checkpoints' / 'step-000001'}")) == 0
     # Step 3 belonged to the abandoned run: resume=latest must not pick it up, so it is gone once this run saves.
     assert [s for s, _ in list_checkpoints(out)] == [1, 2]
-    assert "step-000003" in caplog.text
+    assert "step-000003 aside to abandoned-step-000003: this run, resumed from an older checkpoint," in caplog.text
     # ... but nothing is lost: it is moved aside, whole, where resume=latest does not look.
     assert (out / "checkpoints" / "abandoned-step-000003" / "model.safetensors").is_file()
     # The final step's checkpoint is this run's, not the abandoned run's checkpoint of the same step.
@@ -929,6 +929,10 @@ def test_resuming_an_older_checkpoint_starts_a_new_line_with_this_runs_settings(
     assert max_diff(new_step2, old_step2) > 0
     optimizer = torch.load(out / "checkpoints" / "step-000002" / "optimizer.bin", weights_only=True)
     assert optimizer["param_groups"][0]["lr"] == pytest.approx(1e-2)
+    # A run started from scratch in the same output_dir replaces the later checkpoints too, and says it started so.
+    caplog.clear()
+    assert train.main(overrides(out, data_dir, *common, "train.max_steps=1", "train.checkpoint_every=0")) == 0
+    assert "step-000002 aside to abandoned-step-000002: this run, started from scratch, replaces" in caplog.text
 
 
 def test_a_resumed_run_uses_its_own_ema_decay(tmp_path, data_dir):
