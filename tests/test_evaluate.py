@@ -253,6 +253,8 @@ def test_cli_bad_inputs_fail_in_one_line_before_any_edit(tiny_editor_dir, datase
         (["--output", str(tmp_path / "o"), "--sweep", "--sweep-limit", "0"], "--sweep-limit 0 must be at least 1"),
         (["--output", str(tmp_path / "o"), "--split", "nope"], "split='nope' is not in"),
         (["--output", str(tmp_path / "o"), "--steps", "0"], "--steps 0 must be at least 1"),
+        (["--output", str(tmp_path / "o"), "--limit", "0"], "--limit 0 must be at least 1"),
+        (["--output", str(tmp_path / "o"), "--text-scales", "1,3"], "set the guidance sweep; add --sweep"),
         (["--output", str(tmp_path / "o"), "--batch-size", "-2"], "--batch-size -2 must be at least 1"),
     ]
     for extra, message in cases:

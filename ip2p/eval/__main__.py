@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="auto",
                         help="torch device: auto (a GPU if PyTorch sees one, else the CPU), cpu, cuda, ...")
     parser.add_argument("--sweep", action="store_true", help="also run the s_I and s_T guidance sweeps")
-    parser.add_argument("--sweep-limit", type=int, default=60, help="examples in the sweep (default 60)")
+    parser.add_argument("--sweep-limit", type=int, default=None, help="examples in the sweep (default 60)")
     parser.add_argument("--image-scales", type=_floats, default=None, help="s_I values, comma-separated")
     parser.add_argument("--text-scales", type=_floats, default=None, help="s_T values, comma-separated")
     args = parser.parse_args(argv)
@@ -68,9 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     splits = args.splits or DEFAULT_SPLITS
     try:
-        if args.sweep and args.sweep_limit < 1:
-            raise ValueError(f"--sweep-limit {args.sweep_limit} must be at least 1")
-        for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if not args.sweep and (args.image_scales or args.text_scales or args.sweep_limit is not None):
+            raise ValueError("--image-scales, --text-scales and --sweep-limit set the guidance sweep; add --sweep")
+        sweep_limit = 60 if args.sweep_limit is None else args.sweep_limit
+        for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--sweep-limit", sweep_limit),
+                            ("--limit", 1 if args.limit is None else args.limit)):
             if value < 1:  # before the data and the model load, not after the first batch
                 raise ValueError(f"{flag} {value} must be at least 1")
         for flag, values in (("--text-guidance", [args.text_guidance]), ("--image-guidance", [args.image_guidance]),
@@ -82,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for split, found in examples.items():
             if not found:
                 raise ValueError(f"split {split!r} of --data {args.data!r} has no examples; expected at least one")
-        sweep_examples = load_examples(args.data, split=splits[0], limit=args.sweep_limit) if args.sweep else []
+        sweep_examples = load_examples(args.data, split=splits[0], limit=sweep_limit) if args.sweep else []
         out = output_folder(args.output)
         clip = clip_scorer(args.clip)  # loaded once for every split and the sweep
         model = load_editor(args.checkpoint, config_dir=args.config_dir, expand=False, lora=args.lora,
