@@ -197,6 +197,13 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         logger.debug("%s %s", self.address_string(), format % args)
 
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except ConnectionError:  # reset mid-upload or while kept alive: socketserver would print a traceback for it
+            self.close_connection = True
+            logger.debug("%s reset its connection", self.address_string())
+
     def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)

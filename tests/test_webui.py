@@ -283,3 +283,33 @@ def test_an_instruction_longer_than_the_text_encoder_reads_comes_back_with_a_war
     out = service.edit({"image": data_url(photo_bytes), "instruction": "make it winter " + "and snowy " * 60})
     assert "reads only the first 77" in out["warning"] and out["image"].startswith("data:image/png")
     assert "warning" not in service.edit({"image": data_url(photo_bytes), "instruction": "make it winter"})
+
+
+def reset(connection: socket.socket) -> None:
+    """Close ``connection`` with a reset (RST), as a crashed client or a tab closed mid-upload does."""
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    connection.close()
+
+
+@pytest.mark.parametrize("when", ["mid-upload", "after-its-answer"])
+def test_a_client_that_resets_its_connection_is_no_traceback(server, photo_bytes, capfd, when):
+    body = json.dumps({"image": data_url(photo_bytes), "instruction": "x", "seed": 1}).encode()
+    host, port = server.removeprefix("http://").split(":")
+    capfd.readouterr()
+    with socket.create_connection((host, int(port)), timeout=60) as connection:
+        if when == "mid-upload":  # the server is reading the body when the reset comes
+            connection.sendall(post(body)[:-len(body) // 2])
+            time.sleep(0.2)
+        else:  # the server has answered and waits for the next request on the kept-alive connection
+            connection.sendall(post(body))
+            answer = b""
+            while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < int(
+                    re.search(rb"Content-Length: (\d+)", answer).group(1)):
+                answer += connection.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200")
+        reset(connection)
+    deadline = time.monotonic() + 60
+    while any("process_request" in t.name for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "Traceback" not in capfd.readouterr().err
+    assert call(server + "/info")[0] == 200
