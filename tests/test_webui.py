@@ -313,3 +313,14 @@ def test_a_client_that_resets_its_connection_is_no_traceback(server, photo_bytes
         time.sleep(0.05)
     assert "Traceback" not in capfd.readouterr().err
     assert call(server + "/info")[0] == 200
+
+
+def test_base64_wrapped_in_lines_is_the_same_image(server, photo_bytes):
+    # What `base64 in.png`, Python's base64.encodebytes and MIME give: lines of 76 characters.
+    body = {"instruction": "x", "seed": 3}
+    status, plain = call(server + "/edit", dict(body, image=base64.b64encode(photo_bytes).decode()))
+    assert status == 200, plain
+    for wrapped in (base64.encodebytes(photo_bytes).decode(), base64.encodebytes(photo_bytes).decode()
+                    .replace("\n", "\r\n"), "data:image/png;base64,\n" + base64.encodebytes(photo_bytes).decode()):
+        status, out = call(server + "/edit", dict(body, image=wrapped))
+        assert status == 200 and out["image"] == plain["image"], out
