@@ -92,6 +92,7 @@ class EditorService:
             DEFAULT_IMAGE_GUIDANCE,
             DEFAULT_STEPS,
             DEFAULT_TEXT_GUIDANCE,
+            check_steps,
             default_scheduler,
             make_scheduler,
         )
@@ -106,6 +107,11 @@ class EditorService:
                          "resolution": resolution}
         self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
         self.multiple = int(model.vae_scale_factor)
+        # Defaults that no edit can use fail now, as the server starts, rather than in every edit from the page.
+        check_steps(self.scheduler, self.defaults["steps"])
+        if 0 < resolution < self.multiple:
+            raise ValueError(f"resolution={resolution} is below {self.multiple}; give at least {self.multiple}, "
+                             "or 0 to keep the image's size")
         self._lock = threading.Lock()
         self._draws = random.SystemRandom()
 

@@ -324,3 +324,17 @@ def test_base64_wrapped_in_lines_is_the_same_image(server, photo_bytes):
                     .replace("\n", "\r\n"), "data:image/png;base64,\n" + base64.encodebytes(photo_bytes).decode()):
         status, out = call(server + "/edit", dict(body, image=wrapped))
         assert status == 200 and out["image"] == plain["image"], out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--scheduler", "ddim", "--steps", "1000"], "steps=1000 is too many for the DDIMScheduler sampler"),
+    (["--resolution", "1"], "resolution=1 is below 2"),
+])
+def test_defaults_no_edit_can_use_fail_at_start_not_in_every_edit(tiny_editor_dir, caplog, monkeypatch, flags,
+                                                                   message):
+    def no_serve(self, *args, **kwargs):
+        raise AssertionError("the server must not start with defaults every edit of the page would refuse")
+
+    monkeypatch.setattr(webui._Server, "serve_forever", no_serve)
+    assert webui.main(["--port", "0", "--checkpoint", str(tiny_editor_dir), *flags]) == 2
+    assert message in caplog.text
