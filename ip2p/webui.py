@@ -278,12 +278,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.BAD_REQUEST, "send the request with a Content-Length header and no "
                         "Transfer-Encoding (the body is not chunked)")
             return
-        if int(length) > MAX_REQUEST_BYTES:
+        digits = length.lstrip("0") or "0"  # int() refuses over 4300 digits: any 20 are far over the limit
+        if len(digits) > 20 or int(digits) > MAX_REQUEST_BYTES:
             self.close_connection = True  # the body is not read: the connection cannot be reused
-            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the request is {int(length)} bytes, over the limit of "
+            size = digits if len(digits) <= 20 else f"a {len(digits)}-digit number of"
+            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the request is {size} bytes, over the limit of "
                         f"{MAX_REQUEST_BYTES}; send a smaller image")
             return
-        body = self.rfile.read(int(length))
+        body = self.rfile.read(int(digits))
         service = self.server.service
         if service is None:
             self._error(HTTPStatus.SERVICE_UNAVAILABLE, "the model is still loading; try again in a moment")

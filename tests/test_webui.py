@@ -198,6 +198,10 @@ def test_numbers_past_float_range_and_unparsable_bodies_are_answered_with_4xx(se
     assert status == 400 and "the request is not JSON" in out["error"]
     status, out = raw(server, post(b"{}", content_length=b"\xb2"))  # latin-1 '2' superscript: isdigit() but not int()
     assert status == 411 and "Content-Length" in out["error"]
+    status, out = raw(server, post(b"{}", content_length=b"9" * 5000))  # int() refuses over 4300 digits
+    assert status == 413 and "over the limit of" in out["error"], out
+    status, out = raw(server, post(b"{}", content_length=b"0" * 5000 + b"2"))
+    assert status == 400 and "instruction is missing" in out["error"], out
 
 
 @pytest.mark.parametrize("request_bytes, status, message", [
