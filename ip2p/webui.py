@@ -9,12 +9,13 @@ browser tab; edits run one at a time. Only the Python standard library serves it
 The page talks to a small JSON API, which scripts may use too:
 
 - ``GET /``: the page; ``GET /info``: the checkpoint, the sampler and the defaults.
-- ``POST /edit`` with ``{"image": a data URL or base64 of an image file, "instruction": "...", "steps": 50,
-  "text_guidance": 7.5, "image_guidance": 1.5, "seed": null (random) or an integer, "randomize_cfg": false,
-  "resolution": 512}`` (all but the image and the instruction optional) answers ``{"image": a PNG data URL, "seed",
-  "text_guidance", "image_guidance", "steps", "scheduler", "size", "seconds"}`` (and ``"warning"`` when the
-  instruction is longer than the text encoder reads); a bad request answers 4xx with
-  ``{"error": one line saying what was wrong}``.
+- ``POST /edit`` (``Content-Type: application/json``; other types, which a page of another site may send without
+  the browser asking first, are answered 415) with ``{"image": a data URL or base64 of an image file,
+  "instruction": "...", "steps": 50, "text_guidance": 7.5, "image_guidance": 1.5, "seed": null (random) or an
+  integer, "randomize_cfg": false, "resolution": 512}`` (all but the image and the instruction optional) answers
+  ``{"image": a PNG data URL, "instruction", "seed", "text_guidance", "image_guidance", "steps", "scheduler",
+  "resolution", "size", "low_memory", "seconds"}`` (and ``"warning"`` when the instruction is longer than the text
+  encoder reads); a bad request answers 4xx with ``{"error": one line saying what was wrong}``.
 """
 
 from __future__ import annotations
@@ -268,6 +269,11 @@ class _Handler(BaseHTTPRequestHandler):
         if path != "/edit":
             self.close_connection = True
             self._error(HTTPStatus.NOT_FOUND, f"no endpoint {path!r}; POST edits to /edit")
+            return
+        if self.headers.get("Content-Type", "").partition(";")[0].strip().lower() != "application/json":
+            self.close_connection = True  # the body is not read
+            self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the edit as JSON with Content-Type: application/json "
+                        "(other types are refused: a page of another site could send them without the browser asking)")
             return
         if length is None or not (length.isascii() and length.isdigit()):  # int() fails on e.g. '\xb2' ('²')
             self.close_connection = True

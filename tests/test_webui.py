@@ -74,7 +74,8 @@ def raw(url, data: bytes):
 
 def post(body: bytes, content_length: bytes | None = None) -> bytes:
     length = str(len(body)).encode() if content_length is None else content_length
-    return b"POST /edit HTTP/1.1\r\nHost: x\r\nContent-Length: " + length + b"\r\n\r\n" + body
+    return (b"POST /edit HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: " + length
+            + b"\r\n\r\n" + body)
 
 
 def data_url(png: bytes) -> str:
@@ -235,8 +236,8 @@ def test_a_body_the_server_does_not_read_is_never_taken_for_the_next_request(ser
                                 b"GET /info HTTP/1.1\r\nConnection: close\r\n\r\n")
     assert re.findall(rb"HTTP/1.1 (\d+) ", answer)[1:] in ([], [b"200"]), answer
     # Chunked framing overrides Content-Length: reading 2 bytes of it would serve the rest as a smuggled request.
-    answer = raw_answer(server, b"POST /edit HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}"
-                                b"GET /info HTTP/1.1\r\nConnection: close\r\n\r\n")
+    answer = raw_answer(server, b"POST /edit HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+                                b"Transfer-Encoding: chunked\r\n\r\n{}GET /info HTTP/1.1\r\nConnection: close\r\n\r\n")
     assert re.findall(rb"HTTP/1.1 (\d+) ", answer) == [b"400"] and b"Transfer-Encoding" in answer, answer
 
 
@@ -342,3 +343,14 @@ def test_defaults_no_edit_can_use_fail_at_start_not_in_every_edit(tiny_editor_di
     monkeypatch.setattr(webui._Server, "serve_forever", no_serve)
     assert webui.main(["--port", "0", "--checkpoint", str(tiny_editor_dir), *flags]) == 2
     assert message in caplog.text
+
+
+def test_edits_are_taken_as_json_only_so_other_sites_cannot_post_them(server, photo_bytes):
+    # A page of any site may send text/plain or a form to localhost without the browser asking (no CORS preflight);
+    # application/json needs the preflight, which this server never grants.
+    body = {"image": data_url(photo_bytes), "instruction": "make it red", "steps": 1}
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", ""):
+        status, answer = call(server + "/edit", body, headers={"Content-Type": kind} if kind else {"X": "y"})
+        assert status == 415 and "Content-Type: application/json" in answer["error"], (kind, answer)
+    status, answer = call(server + "/edit", body, headers={"Content-Type": "Application/JSON; charset=utf-8"})
+    assert status == 200 and answer["image"].startswith("data:image/png;base64,")
