@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_CHECKPOINT = "timbrooks/instruct-pix2pix"
 RANDOM_TEXT_GUIDANCE = (6.0, 9.0)
 RANDOM_IMAGE_GUIDANCE = (1.2, 1.8)
+SWEEP_TEXT = "3,5,7.5,10"  # the --sweep grid's s_T and s_I values (the paper's Fig. 4)
+SWEEP_IMAGE = "1.0,1.2,1.5,1.8,2.2"
 """The ranges ``--randomize-cfg`` draws s_T and s_I from (uniformly, to two decimals), as the paper's web app does."""
 
 
@@ -81,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--image-guidance; its sidecar records them" % (*RANDOM_TEXT_GUIDANCE, *RANDOM_IMAGE_GUIDANCE))
     p.add_argument("--sweep", action="store_true",
                    help="render a labelled grid over --sweep-text x --sweep-image (the paper's Fig. 4) instead")
-    p.add_argument("--sweep-text", default="3,5,7.5,10", help="comma-separated s_T values for --sweep")
-    p.add_argument("--sweep-image", default="1.0,1.2,1.5,1.8,2.2", help="comma-separated s_I values for --sweep")
+    p.add_argument("--sweep-text", default=None, help=f"comma-separated s_T values for --sweep (default {SWEEP_TEXT})")
+    p.add_argument("--sweep-image", default=None,
+                   help=f"comma-separated s_I values for --sweep (default {SWEEP_IMAGE})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -291,8 +294,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--randomize-cfg and --sweep both choose the guidance scales; pass one of them")
     paths = img.expand_image_paths(args.image)
     instructions = read_instructions(args)
-    sweep_text = parse_scales(args.sweep_text, "--sweep-text") if args.sweep else []
-    sweep_image = parse_scales(args.sweep_image, "--sweep-image") if args.sweep else []
+    if not args.sweep and (args.sweep_text or args.sweep_image):
+        raise ValueError("--sweep-text and --sweep-image set the values of a --sweep grid; add --sweep")
+    sweep_text = parse_scales(args.sweep_text or SWEEP_TEXT, "--sweep-text") if args.sweep else []
+    sweep_image = parse_scales(args.sweep_image or SWEEP_IMAGE, "--sweep-image") if args.sweep else []
     jobs = plan_jobs(paths, instructions, args.output, args.num_images, args.sweep)
     _make_output_folders(jobs)
     if len(paths) == 1:  # a broken lone input fails now, not after minutes of loading a model
