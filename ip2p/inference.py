@@ -43,9 +43,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_CHECKPOINT = "timbrooks/instruct-pix2pix"
 RANDOM_TEXT_GUIDANCE = (6.0, 9.0)
 RANDOM_IMAGE_GUIDANCE = (1.2, 1.8)
+"""The ranges ``--randomize-cfg`` draws s_T and s_I from (uniformly, to two decimals), as the paper's web app does."""
 SWEEP_TEXT = "3,5,7.5,10"  # the --sweep grid's s_T and s_I values (the paper's Fig. 4)
 SWEEP_IMAGE = "1.0,1.2,1.5,1.8,2.2"
-"""The ranges ``--randomize-cfg`` draws s_T and s_I from (uniformly, to two decimals), as the paper's web app does."""
 
 
 def draw_cfg(draws: random.Random) -> tuple[float, float]:
