@@ -15,7 +15,7 @@ import math
 import os
 import pathlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -297,6 +297,16 @@ def tensor_to_images(batch: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(item) for item in array]
 
 
+def _log_skipped(candidates: Iterable[pathlib.Path], found: list[pathlib.Path], where: str) -> None:
+    """Say which visible files of a folder or glob were left out for their extension (a .gif, a .heic, ...)."""
+    kept = set(found)
+    skipped = sorted(p.name for p in candidates
+                     if p not in kept and not p.name.startswith(".") and p.is_file())
+    if skipped:
+        logger.info("skipped %d file(s) of %s without an image extension (%s), e.g. %s", len(skipped), where,
+                    ", ".join(sorted(IMAGE_EXTENSIONS)), ", ".join(skipped[:3]))
+
+
 def expand_image_paths(spec: str | os.PathLike) -> list[pathlib.Path]:
     """Image paths named by `spec`: a file, a folder's image files (non-recursive) or a glob, sorted.
 
@@ -309,6 +319,7 @@ def expand_image_paths(spec: str | os.PathLike) -> list[pathlib.Path]:
         return [path]
     if path.is_dir():
         found = sorted(p for p in path.iterdir() if _is_image_file(p))
+        _log_skipped(path.iterdir(), found, f"folder '{text}'")
         if not found:
             raise FileNotFoundError(
                 f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in folder '{text}'"
@@ -318,6 +329,7 @@ def expand_image_paths(spec: str | os.PathLike) -> list[pathlib.Path]:
     if _GLOB_CHARS.search(text):
         matches = [pathlib.Path(m) for m in glob.glob(os.path.expanduser(text), recursive=True)]
         found = sorted(p for p in matches if _is_image_file(p))
+        _log_skipped(matches, found, f"the pattern '{text}'")
         if not found:
             raise FileNotFoundError(
                 f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) match the pattern '{text}'"

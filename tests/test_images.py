@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import io
+import logging
 import os
 import struct
 import warnings
@@ -404,15 +405,18 @@ def test_tensor_to_images_clamps_and_validates() -> None:
 # ---------------------------------------------------------------- expand_image_paths
 
 
-def test_expand_image_paths(tmp_path: Path) -> None:
-    for name in ("b.png", "a.JPG", "c.webp", ".hidden.png", "notes.txt"):
+def test_expand_image_paths(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    for name in ("b.png", "a.JPG", "c.webp", ".hidden.png", "notes.txt", "anim.gif"):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "d.png").write_bytes(b"x")
     (tmp_path / "folder.png").mkdir()  # a folder with an image suffix is not an image
 
     # folder: image extensions only, case-insensitive, sorted, not recursive, no hidden files
-    assert expand_image_paths(str(tmp_path)) == [tmp_path / "a.JPG", tmp_path / "b.png", tmp_path / "c.webp"]
+    with caplog.at_level(logging.INFO, logger="ip2p.images"):
+        assert expand_image_paths(str(tmp_path)) == [tmp_path / "a.JPG", tmp_path / "b.png", tmp_path / "c.webp"]
+    # ... and says which visible files it left out (not the hidden one, not the sub-folders)
+    assert "skipped 2 file(s) of folder" in caplog.text and "e.g. anim.gif, notes.txt" in caplog.text
     # single file, even without an image suffix (the user named it)
     assert expand_image_paths(str(tmp_path / "notes.txt")) == [tmp_path / "notes.txt"]
     # glob, sorted
