@@ -15,6 +15,7 @@ import math
 import os
 import pathlib
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -36,6 +37,7 @@ __all__ = [
     "images_to_batch",
     "load_image",
     "make_grid",
+    "open_image",
     "resize_for_model",
     "save_image",
     "target_size",
@@ -105,10 +107,25 @@ def _check_max_pixels(max_pixels: object) -> None:
         raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
 
 
+_PILLOW_LIMIT = threading.Lock()  # Image.MAX_IMAGE_PIXELS is Pillow's global: one opening at a time changes it
+
+
+def open_image(handle: Any) -> Image.Image:
+    """``Image.open`` with Pillow's own size check (a warning over ``Image.MAX_IMAGE_PIXELS``, about 89 MP, an error
+    over twice that) left to ours: ``max_pixels`` is compared with the header right after, before any pixel is
+    decoded, so a user who raises it can load a 200 MP photo and one who does not gets our message, not Pillow's."""
+    with _PILLOW_LIMIT:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(handle)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
 def _decode(handle: Any, path: str | os.PathLike, max_pixels: int) -> Image.Image:
     """Decode an open image file; every way it can be unusable is an `ImageError` naming `path`."""
     try:
-        with Image.open(handle) as opened:
+        with open_image(handle) as opened:
             # Image.open only parses the header, so the size is known before any pixels are decoded.
             width, height = opened.size
             if width <= 0 or height <= 0:

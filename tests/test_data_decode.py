@@ -105,6 +105,14 @@ def test_decode_refuses_bad_values_with_a_reason(value, reason, tmp_path):
         decode_image(value, max_pixels=1000)
 
 
+def test_data_max_pixels_not_pillows_own_limit_decides(monkeypatch):
+    # Pillow refuses images over twice Image.MAX_IMAGE_PIXELS whatever data.max_pixels allows (lowered here to 4).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4)
+    assert decode_image(encode(Image.new("RGB", (8, 8))), max_pixels=64).size == (8, 8)
+    with pytest.raises(BadRecord, match="over the limit of 63 pixels"):
+        decode_image(encode(Image.new("RGB", (8, 8))), max_pixels=63)
+
+
 def test_decode_instruction():
     assert decode_instruction("make it snow") == "make it snow"
     assert decode_instruction("make it snow".encode()) == "make it snow"

@@ -19,6 +19,7 @@ from PIL import Image
 from ip2p.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
+    decode_image,
     expand_image_paths,
     image_to_tensor,
     images_to_batch,
@@ -32,7 +33,6 @@ from ip2p.images import (
 )
 
 RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
-NO_LIMIT = 10**12  # lets PIL's own decompression-bomb guard fire first
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -289,13 +289,13 @@ def _encoded(fmt: str) -> bytes:
         ("empty.jpg", b"", "empty"),
         ("zero_size.png", _png_header_only(0, 0), "zero_size.png"),
         ("too_big.png", _png_header_only(9000, 8000), "over the limit"),  # 72 MP > 64 MP default
-        ("bomb.png", _png_header_only(100_000, 100_000), "too large"),  # PIL's own bomb error, wrapped
+        ("bomb.png", _png_header_only(100_000, 100_000), "over the limit"),  # ours, not PIL's own bomb error
     ],
 )
 def test_load_image_bad_files_raise_image_error(tmp_path: Path, name: str, data: bytes, match: str) -> None:
     path = _write(tmp_path / name, data)
     with pytest.raises(ImageError, match=match) as info:
-        load_image(path, max_pixels=NO_LIMIT if name == "bomb.png" else DEFAULT_MAX_PIXELS)
+        load_image(path, max_pixels=DEFAULT_MAX_PIXELS)
     message = str(info.value)
     assert name in message and "\n" not in message
     assert info.value.path == path
@@ -309,6 +309,21 @@ def test_load_image_max_pixels_checked_before_decoding(tmp_path: Path) -> None:
         load_image(path, max_pixels=1)
     assert "small.png" in str(info.value)
     assert load_image(path, max_pixels=16).size == (4, 4)  # the limit is inclusive
+
+
+def test_max_pixels_not_pillows_own_limit_decides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pillow warns over Image.MAX_IMAGE_PIXELS (~89 MP) and refuses over twice that, whatever max_pixels says: a
+    # 200 MP photo could not be loaded with max_pixels raised. Here Pillow's limit is lowered to 4 pixels instead.
+    path = tmp_path / "photo.png"
+    _noise(8, 8).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DecompressionBombWarning either
+        assert load_image(path, max_pixels=64).size == (8, 8)
+        assert decode_image(path.read_bytes(), max_pixels=64).size == (8, 8)
+    with pytest.raises(ImageError, match="over the limit of 63; downscale it or raise max_pixels"):
+        load_image(path, max_pixels=63)
+    assert Image.MAX_IMAGE_PIXELS == 4  # Pillow's global is left as it was
 
 
 def test_load_image_missing_file(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ip2p.images import DEFAULT_MAX_PIXELS, ImageError, load_image, to_rgb
+from ip2p.images import DEFAULT_MAX_PIXELS, ImageError, load_image, open_image, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _decode_bytes(data: bytes, max_pixels: int) -> Image.Image:
     if len(data) == 0:
         raise BadRecord("image is zero-size (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as opened:
+        with open_image(io.BytesIO(data)) as opened:  # max_pixels, not Pillow's own limit, decides
             width, height = opened.size  # header only: refuse huge images before decoding any pixels
             if width * height > max_pixels:
                 raise BadRecord(f"image is {width}x{height}, over the limit of {max_pixels} pixels")
