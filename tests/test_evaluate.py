@@ -195,6 +195,9 @@ def test_cli_writes_metrics_and_sweep(tiny_editor_dir, dataset, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"test_heldout_combinations", "test_heldout_phrasings"}
     assert metrics["test_heldout_combinations"]["n"] == 2
+    assert metrics["test_heldout_phrasings"]["settings"] == {
+        "checkpoint": str(tiny_editor_dir), "lora": None, "data": str(dataset), "limit": 2, "steps": 1,
+        "text_guidance": 7.5, "image_guidance": 1.5, "scheduler": "euler_a", "seed": 0}
     assert len(json.loads((out / "sweep.json").read_text())) == 3
     assert (out / "sweep.png").is_file() and (out / "sweep.csv").is_file()
     assert main(["--checkpoint", str(tiny_editor_dir), "--data", str(tmp_path / "none"), "--output", str(out)]) == 2

@@ -2,7 +2,8 @@
 
 Edits the test examples of a dataset with known targets (a folder written by ``ip2p.synthetic.write_dataset``, or
 parquet files with its columns) and writes ``metrics.json`` (one summary per split: success, strict success, by edit
-type, L1/PSNR, errors inside/outside the mask, CLIP similarities with ``--clip``); with ``--sweep`` also the guidance
+type, L1/PSNR, errors inside/outside the mask, CLIP similarities with ``--clip``, and under ``settings`` the checkpoint,
+LoRA, data, limit and sampling settings that produced it); with ``--sweep`` also the guidance
 sweep as ``sweep.json``, ``sweep.csv`` and ``sweep.png``.
 """
 
@@ -98,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics = {}
         for split in splits:
             metrics[split] = evaluate(model, examples[split], split=split, clip=clip, **sampling)
+            # What was scored, beside how: several evaluations' metrics.json files stay tellable apart.
+            metrics[split]["settings"].update(checkpoint=args.checkpoint, lora=args.lora, data=args.data,
+                                              limit=args.limit)
             logger.info("%s: success %.3f, strict success %.3f over %d examples", split, metrics[split]["success"],
                         metrics[split]["strict_success"], metrics[split]["n"])
         write_json(metrics, out / "metrics.json")
