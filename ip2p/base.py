@@ -990,6 +990,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_unet_options(build_p)
     _add_text_options(build_p, choose=True)
     args = parser.parse_args(argv)
+    # Errors in a command's options print that command's usage ("python -m ip2p.base build ..."), not the top one's.
+    parser = {"vae": vae_p, "unet": unet_p, "text": text_p, "build": build_p}[args.command]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Settings that would fail (or write over a folder) after minutes of training fail here.
     if getattr(args, "threads", None) is not None:
