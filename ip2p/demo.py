@@ -237,7 +237,7 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
         if item.partition("=")[0].strip() in MANAGED_KEYS:
             raise ValueError(f"override {item!r}: the demo sets {', '.join(MANAGED_KEYS)} from its output folder; "
                              "use --output DIR instead")
-    out = output_folder(output)
+    out = Path(output)
     timings: dict[str, float] = {}
 
     def lap(name: str, since: float) -> float:
@@ -253,6 +253,7 @@ def run_demo(output: str | os.PathLike = "runs/demo", settings: DemoSettings = D
     cfg = load_config(config_path, [f"output_dir={out}", f"model.pretrained={out / 'base'}",
                                     f"data.path={out / 'data'}", f"seed={settings.seed}", *settings.overrides,
                                     *overrides])
+    output_folder(out)  # only now: a bad config or device leaves no new empty folder behind
     old_results = [out / name for name in RESULTS if (out / name).is_file()]
     old_results += sorted(p for p in (out / "inputs").glob("*.png") if p.stem.isdigit())  # the names it writes only
     for path in old_results:

@@ -198,7 +198,13 @@ def test_bad_override_fails_before_data_and_base_are_built(tmp_path, caplog):
     assert not (out / "data").exists() and not (out / "base").exists()
     assert demo.main(["--quick", "--output", str(out), "--device", "banana"]) == 2
     assert "--device 'banana' is not a device name" in caplog.text
-    assert not (out / "data").exists() and not (out / "base").exists()
+    assert not out.exists()  # not even an empty output folder is left
+    assert demo.main(["--quick", "--output", str(out), "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml does not exist" in caplog.text and not out.exists()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    assert demo.main(["--quick", "--output", str(a_file)]) == 2
+    assert "is a file; pass a folder" in caplog.text and a_file.read_text() == "keep me"
 
 
 def test_demo_configs_load():
