@@ -110,9 +110,7 @@ class EditorService:
         self.multiple = int(model.vae_scale_factor)
         # Defaults that no edit can use fail now, as the server starts, rather than in every edit from the page.
         check_steps(self.scheduler, self.defaults["steps"])
-        if 0 < resolution < self.multiple:
-            raise ValueError(f"resolution={resolution} is below {self.multiple}; give at least {self.multiple}, "
-                             "or 0 to keep the image's size")
+        self._check_resolution(resolution)
         self._lock = threading.Lock()
         self._draws = random.SystemRandom()
 
@@ -123,6 +121,13 @@ class EditorService:
                 "device": str(self.model.device), "low_memory": self.model.unet_batch is not None,
                 "defaults": self.defaults, "random_text_guidance": list(RANDOM_TEXT_GUIDANCE),
                 "random_image_guidance": list(RANDOM_IMAGE_GUIDANCE)}
+
+    def _check_resolution(self, resolution: int) -> None:
+        """Refuse a resolution below the VAE's factor (0 keeps the image's size); a ``RequestError`` is a ValueError,
+        so one check serves the server's defaults at start and each request."""
+        if 0 < resolution < self.multiple:
+            raise RequestError(f"resolution={resolution} is below {self.multiple}; give at least {self.multiple}, "
+                               "or 0 to keep the image's size")
 
     def edit(self, request: Any) -> dict[str, Any]:
         """Serve one ``POST /edit`` body (already parsed JSON); raises ``RequestError`` for a bad one."""
@@ -152,9 +157,7 @@ class EditorService:
         except ValueError as e:
             raise RequestError(str(e)) from None
         resolution = _number(request, "resolution", d["resolution"], integer=True, low=0, high=16384)
-        if 0 < resolution < self.multiple:
-            raise RequestError(f"resolution={resolution} is below {self.multiple}; give at least {self.multiple}, "
-                               "or 0 to keep the image's size")
+        self._check_resolution(resolution)
         seed = request.get("seed")
         seed = secrets.randbelow(2**31) if seed is None else _number(request, "seed", 0, integer=True, low=0,
                                                                       high=2**64 - 1)
