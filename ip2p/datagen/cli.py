@@ -223,16 +223,15 @@ def _cmd_text(args) -> int:
 def _filter_config(args):
     from ip2p.datagen.config import FilterConfig
 
-    d = FilterConfig()
+    values = {k: getattr(args, k) for k in ("min_image_sim", "min_dir_sim", "min_caption_sim", "keep_top")}
     if getattr(args, "no_filter", False):
-        changed = [f"--{k.replace('_', '-')}" for k in ("min_image_sim", "min_dir_sim", "min_caption_sim", "keep_top")
-                   if getattr(args, k) != getattr(d, k)]
+        d = FilterConfig()
+        changed = [f"--{k.replace('_', '-')}" for k, v in values.items() if v != getattr(d, k)]
         if changed:
             logger.warning("--no-filter keeps every sample: %s not applied now (pass them to a later `filter` run)",
                            ", ".join(changed))
         return None
-    return FilterConfig(min_image_sim=args.min_image_sim, min_dir_sim=args.min_dir_sim,
-                        min_caption_sim=args.min_caption_sim, keep_top=args.keep_top)
+    return FilterConfig(**values)
 
 
 def _writer(args, out: Path, settings: dict):
