@@ -535,8 +535,9 @@ def _config_source(config_dir: str | None, checkpoint: dict[str, torch.Tensor], 
 def _check_keys_present(checkpoint: dict[str, torch.Tensor], path: Path, source: str, in_channels: int,
                         local_only: bool) -> None:
     """Name the UNet/VAE weights the architecture needs but the file lacks (diffusers fails on them obscurely), and
-    those the file holds but the architecture has no place for (diffusers drops them silently: a file with two
-    transformer layers per block read with a one-layer config would load as another, wrong model)."""
+    the UNet, VAE and text-encoder weights the file holds but the architecture has no place for (diffusers drops them
+    silently: a file with two transformer layers per block read with a one-layer config would load as another, wrong
+    model)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     for cls, name, prefix, rules, overrides in (
@@ -555,11 +556,39 @@ def _check_keys_present(checkpoint: dict[str, torch.Tensor], path: Path, source:
         if missing:
             raise ValueError(f"{path} lacks {len(missing)} {name} weights that config_dir={source!r} needs (e.g. "
                              f"{missing[0]!r}); pass the --config-dir of the model family the file was trained from")
-        unused = sorted(k for k in checkpoint if k.startswith(prefix) and k not in expected)
-        if unused:
-            raise ValueError(f"{path} holds {len(unused)} {name} weights that config_dir={source!r} has no place for "
-                             f"(e.g. {unused[0]!r}), which would be dropped; pass the --config-dir of the model family "
-                             "the file was trained from")
+        _refuse_unused(sorted(k for k in checkpoint if k.startswith(prefix) and k not in expected), name, path, source)
+    _check_text_encoder_keys(checkpoint, path, source, local_only)
+
+
+def _refuse_unused(unused: list[str], name: str, path: Path, source: str) -> None:
+    if unused:
+        raise ValueError(f"{path} holds {len(unused)} {name} weights that config_dir={source!r} has no place for "
+                         f"(e.g. {unused[0]!r}), which would be dropped; pass the --config-dir of the model family "
+                         "the file was trained from")
+
+
+def _check_text_encoder_keys(checkpoint: dict[str, torch.Tensor], path: Path, source: str, local_only: bool) -> None:
+    """Refuse text-encoder weights the config's CLIP has no place for: diffusers' converter drops them silently (a
+    file with five text layers read with a three-layer config loads as a different, wrong text encoder).
+
+    Missing ones are caught after loading (:func:`_check_materialised`). Allowed extras: the position-id buffer (SD
+    1.x), OpenCLIP's projection, logit scale and attention mask, and the last OpenCLIP layer, which SD 2.x files hold
+    but never use (it conditions on the penultimate layer, so diffusers' config has one layer fewer)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig.from_pretrained(source, subfolder="text_encoder", local_files_only=local_only)
+    with torch.device("meta"):
+        state = {k.removeprefix("text_model."): v for k, v in CLIPTextModel(config).state_dict().items()}
+    state.pop("embeddings.position_ids", None)
+    if any(k.startswith(CLIP_PREFIX) for k in checkpoint):  # the layout diffusers' converter reads, too
+        prefix, expected = CLIP_PREFIX, {f"{CLIP_PREFIX}text_model.{k}" for k in state}
+        allowed = (f"{CLIP_PREFIX}text_model.embeddings.position_ids",)
+    else:
+        prefix, expected = OPEN_CLIP_PREFIX, set(_open_clip_state(state))
+        allowed = tuple(OPEN_CLIP_PREFIX + k for k in ("text_projection", "logit_scale", "attn_mask",
+                                                         f"transformer.resblocks.{config.num_hidden_layers}."))
+    unused = sorted(k for k in checkpoint if k.startswith(prefix) and k not in expected and not k.startswith(allowed))
+    _refuse_unused(unused, "text_encoder", path, source)
 
 
 def _load_text_encoder(checkpoint: dict[str, torch.Tensor], source: str, torch_dtype: torch.dtype | None,

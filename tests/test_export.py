@@ -414,6 +414,39 @@ def test_file_weights_the_config_has_no_place_for_are_refused_not_dropped(tmp_pa
         export.load_single_file(sd_file, config_dir=str(no_attention))
 
 
+def _with_text_layers(components, layers: int, act: str):
+    config = components.text_encoder.config
+    torch.manual_seed(8)
+    components.text_encoder = CLIPTextModel(type(config)(**{**config.to_dict(), "num_hidden_layers": layers,
+                                                            "hidden_act": act})).eval()
+    return components
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])  # SD 1.x (Hugging Face names) and SD 2.x (OpenCLIP names)
+def test_file_text_encoder_layers_the_config_has_no_place_for_are_refused_not_dropped(tmp_path, act):
+    """diffusers' CLIP converter drops them silently: five text layers read with a three-layer config load as a
+    three-layer text encoder. SD 2.x files hold one OpenCLIP layer more than diffusers' config (the penultimate layer
+    conditions), which must still load."""
+    config_dir = export.save_pipeline_folder(_with_text_layers(tiny.tiny_components("sd", in_channels=8), 3, act),
+                                             tmp_path / "config")
+    deep = export.save_single_file(_with_text_layers(tiny.tiny_components("sd", in_channels=8), 5, act),
+                                   tmp_path / "deep.safetensors")
+    first_unused = r"layers\.3\." if act == "quick_gelu" else r"resblocks\.4\."  # OpenCLIP's layer 3 is allowed
+    with pytest.raises(ValueError, match=r"holds \d+ text_encoder weights .*no place for .*" + first_unused):
+        export.load_single_file(deep, config_dir=str(config_dir))
+    one_more = _with_text_layers(tiny.tiny_components("sd", in_channels=8), 4, act)
+    path = export.save_single_file(one_more, tmp_path / "one-more.safetensors")
+    if act == "quick_gelu":
+        with pytest.raises(ValueError, match=r"holds \d+ text_encoder weights .*no place for .*layers\.3\."):
+            export.load_single_file(path, config_dir=str(config_dir))
+    else:
+        loaded = export.load_single_file(path, config_dir=str(config_dir))["text_encoder"]
+        assert loaded.config.num_hidden_layers == 3
+        want = {k.removeprefix("text_model."): v for k, v in one_more.text_encoder.state_dict().items()}
+        for key, value in loaded.state_dict().items():
+            assert torch.equal(value, want[key.removeprefix("text_model.")]), key
+
+
 def test_offline_without_config_dir_explains_the_flag(sd_file, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="--config-dir"):
