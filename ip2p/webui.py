@@ -4,7 +4,8 @@ Open the address it prints, choose an image, type an instruction and press Edit.
 paper's own app: sampling steps, the two guidance scales (``s_T`` text, ``s_I`` image), the seed, "random seed" and
 "random CFG" (``s_T`` in 6..9, ``s_I`` in 1.2..1.8, as ``infer.py --randomize-cfg``). Each result shows the settings
 that made it (``infer.py`` with them gives the same picture) and can be edited further. One model serves every
-browser tab; edits run one at a time. Only the Python standard library serves it: nothing to install.
+browser tab; edits run one at a time, and up to ``MAX_PENDING_EDITS`` (8) are taken at once: more are answered 503,
+to try again. Only the Python standard library serves it: nothing to install.
 
 The page talks to a small JSON API, which scripts may use too:
 
@@ -41,6 +42,9 @@ logger = logging.getLogger("ip2p.webui")
 
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 """Largest request body accepted (an image as base64 is 4/3 of its file)."""
+MAX_PENDING_EDITS = 8
+"""Edits taken at once (one runs, the others wait for it): each holds its upload and decoded image, so more are
+answered 503 before their body is read, which bounds the server's memory however many clients post."""
 MAX_STEPS = 1000
 MAX_INSTRUCTION_CHARS = 2000
 
@@ -294,7 +298,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the request is {size} bytes, over the limit of "
                         f"{MAX_REQUEST_BYTES}; send a smaller image")
             return
-        body = self.rfile.read(int(digits))
+        if not self.server.pending.acquire(blocking=False):
+            self.close_connection = True  # the body is not read
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"the editor already has {self.server.pending_limit} edits in "
+                        "hand (they run one at a time); try again when one is done")
+            return
+        try:
+            self._edit(self.rfile.read(int(digits)))
+        finally:
+            self.server.pending.release()
+
+    def _edit(self, body: bytes) -> None:
         service = self.server.service
         if service is None:
             self._error(HTTPStatus.SERVICE_UNAVAILABLE, "the model is still loading; try again in a moment")
@@ -321,6 +335,8 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     service: EditorService | None = None
+    pending_limit: int
+    pending: threading.BoundedSemaphore
 
 
 def make_server(host: str = "127.0.0.1", port: int = 7860, service: EditorService | None = None) -> _Server:
@@ -328,6 +344,8 @@ def make_server(host: str = "127.0.0.1", port: int = 7860, service: EditorServic
     before that are told the model is loading. Run it with ``serve_forever()``."""
     server = _Server((host, port), _Handler)
     server.service = service
+    server.pending_limit = MAX_PENDING_EDITS
+    server.pending = threading.BoundedSemaphore(MAX_PENDING_EDITS)
     return server
 
 

@@ -354,3 +354,34 @@ def test_edits_are_taken_as_json_only_so_other_sites_cannot_post_them(server, ph
         assert status == 415 and "Content-Type: application/json" in answer["error"], (kind, answer)
     status, answer = call(server + "/edit", body, headers={"Content-Type": "Application/JSON; charset=utf-8"})
     assert status == 200 and answer["image"].startswith("data:image/png;base64,")
+
+
+def test_edits_past_the_pending_limit_are_answered_503_before_their_body_is_read(tiny_editor_dir, photo_bytes,
+                                                                                monkeypatch):
+    """Each taken edit holds its upload and image while it waits for the one running: past the limit the server
+    answers at once, so no number of clients can make it hold more; the edits it took still finish."""
+    monkeypatch.setattr(webui, "MAX_PENDING_EDITS", 2)
+    service = webui.EditorService(load_editor(tiny_editor_dir, expand=False), steps=2, resolution=32)
+    server = webui.make_server("127.0.0.1", 0, service)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/edit"
+    body = {"image": data_url(photo_bytes), "instruction": "make it winter", "seed": 1}
+    answers = []
+    try:
+        with service._lock:  # an edit running: the taken ones wait
+            takers = [threading.Thread(target=lambda: answers.append(call(url, body))) for _ in range(2)]
+            for thread in takers:
+                thread.start()
+            deadline = time.monotonic() + 30
+            while server.pending._value and time.monotonic() < deadline:
+                time.sleep(0.01)
+            status, out = call(url, body)
+            assert status == 503 and "already has 2 edits in hand" in out["error"], out
+            assert answers == []
+        for thread in takers:
+            thread.join(60)
+        assert [status for status, _ in answers] == [200, 200]
+        assert call(url, body)[0] == 200  # the slots are given back
+    finally:
+        server.shutdown()
+        server.server_close()
