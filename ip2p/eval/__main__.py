@@ -20,13 +20,6 @@ from ip2p.sampling import DEFAULT_IMAGE_GUIDANCE, DEFAULT_TEXT_GUIDANCE, SCHEDUL
 logger = logging.getLogger("ip2p.eval")
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers, e.g. 1,1.5,2") from None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from ip2p.eval.evaluate import DEFAULT_SPLITS
 
@@ -56,30 +49,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="torch device: auto (a GPU if PyTorch sees one, else the CPU), cpu, cuda, ...")
     parser.add_argument("--sweep", action="store_true", help="also run the s_I and s_T guidance sweeps")
     parser.add_argument("--sweep-limit", type=int, default=None, help="examples in the sweep (default 60)")
-    parser.add_argument("--image-scales", type=_floats, default=None, help="s_I values, comma-separated")
-    parser.add_argument("--text-scales", type=_floats, default=None, help="s_T values, comma-separated")
+    parser.add_argument("--image-scales", default=None, help="s_I values, comma-separated")
+    parser.add_argument("--text-scales", default=None, help="s_T values, comma-separated")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from ip2p.atomic import output_folder
     from ip2p.eval.evaluate import clip_scorer, evaluate, load_examples, write_json
     from ip2p.eval.sweep import IMAGE_SCALES, TEXT_SCALES, guidance_sweep, plot_sweep, write_table
+    from ip2p.inference import parse_scales
     from ip2p.devices import resolve_device
     from ip2p.models import load_editor
 
     splits = args.splits or DEFAULT_SPLITS
     try:
-        if not args.sweep and (args.image_scales or args.text_scales or args.sweep_limit is not None):
+        if not args.sweep and not (args.image_scales is args.text_scales is args.sweep_limit is None):
             raise ValueError("--image-scales, --text-scales and --sweep-limit set the guidance sweep; add --sweep")
         sweep_limit = 60 if args.sweep_limit is None else args.sweep_limit
         for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--sweep-limit", sweep_limit),
                             ("--limit", 1 if args.limit is None else args.limit)):
             if value < 1:  # before the data and the model load, not after the first batch
                 raise ValueError(f"{flag} {value} must be at least 1")
-        for flag, values in (("--text-guidance", [args.text_guidance]), ("--image-guidance", [args.image_guidance]),
-                             ("--text-scales", args.text_scales or []), ("--image-scales", args.image_scales or [])):
-            if not all(math.isfinite(v) for v in values):
-                raise ValueError(f"{flag} {','.join(map(str, values))} must be finite numbers, e.g. 1.5")
+        for flag, value in (("--text-guidance", args.text_guidance), ("--image-guidance", args.image_guidance)):
+            if not math.isfinite(value):
+                raise ValueError(f"{flag} {value} must be a finite number, e.g. 1.5")
+        image_scales, text_scales = (default if text is None else parse_scales(text, flag) for text, flag, default in (
+            (args.image_scales, "--image-scales", IMAGE_SCALES), (args.text_scales, "--text-scales", TEXT_SCALES)))
         # Everything that can be wrong with the data, the output folder or the CLIP model fails before any edit.
         examples = {split: load_examples(args.data, split=split, limit=args.limit) for split in splits}
         for split, found in examples.items():
@@ -107,8 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(metrics, out / "metrics.json")
         logger.info("metrics: %s", out / "metrics.json")
         if args.sweep:
-            rows = guidance_sweep(model, sweep_examples, image_scales=args.image_scales or IMAGE_SCALES,
-                                  text_scales=args.text_scales or TEXT_SCALES, clip=clip, **sampling)
+            rows = guidance_sweep(model, sweep_examples, image_scales=image_scales,
+                                  text_scales=text_scales, clip=clip, **sampling)
             write_json(rows, out / "sweep.json")
             write_table(rows, out / "sweep.csv")
             plot_sweep(rows, out / "sweep.png", title=f"guidance sweep on {len(sweep_examples)} examples of "
