@@ -94,7 +94,7 @@ class UNetSpec:
     pooled_text: bool = False
     """Also add the attention-pooled instruction to the timestep embedding (diffusers' ``addition_embed_type="text"``),
     so every ResNet block sees it; SD has cross-attention only. With it the UNet learns to use the colour word of
-    background recolours within a hundred steps where cross-attention alone barely does (docs/demo.md, 2e)."""
+    background recolours within a hundred steps where cross-attention alone barely does (docs/demo-experiments.md, 2e)."""
     scale_shift: bool = False
     """Timestep (and pooled-text) conditioning as a per-channel scale and shift of the ResNets' normalised features
     (``resnet_time_scale_shift="scale_shift"``, LDM's ``use_scale_shift_norm``) instead of SD's added bias."""
