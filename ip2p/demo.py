@@ -189,7 +189,8 @@ def _grid(rows: Sequence[tuple[Any, Any, str]], scale: int = 3):
         verdict = edit_success(output, example)
         mark = "strict success" if verdict["strict_success"] else ("success" if verdict["success"] else "failure")
         cells.append([big(example.source), big(output), big(example.target)])
-        labels.append(f'"{example.instruction}" ({example.edit_type}, {split}: {mark})')
+        # One item a line, edit types with spaces: the narrow label column then breaks lines between words.
+        labels.append(f'"{example.instruction}"\n{example.edit_type.replace("_", " ")}\n{split}: {mark}')
     return make_grid(cells, row_labels=labels, col_labels=["input", "edited by the model", "target"])
 
 
