@@ -977,7 +977,7 @@ class Trainer:
                 with warnings.catch_warnings():  # a skipped first step is on purpose, not PyTorch's wrong order
                     warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
                     self.lr_scheduler.step()
-                if self.ema is not None:
+                if self.ema is not None and valid:  # a skipped step leaves the EMA (the exported weights) alone too
                     self.ema.step(_trainable(acc.unwrap_model(self.unet)))
                 self.global_step += 1
                 self.samples_seen += global_batch

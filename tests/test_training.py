@@ -960,3 +960,17 @@ def test_resume_with_another_ema_setting_or_batch_is_explained(tmp_path, data_di
     caplog.clear()
     assert train.main(overrides(out, data_dir, "train.max_steps=2", "resume=latest", "train.batch_size=2")) == 0
     assert "global batch of 4" in caplog.text and "this run's is 2" in caplog.text
+
+
+def test_a_step_whose_whole_batch_is_bad_leaves_the_ema_alone(tmp_path):
+    # The EMA is what final/ exports (train.ema=true by default): a skipped step must not move it toward the weights
+    # nor advance its warm-up.
+    _records_with_unreadable_sources(tmp_path / "bad", ["red", "blue", None, None])
+    out = tmp_path / "run"
+    assert train.main(overrides(out, tmp_path / "bad", "train.max_steps=2", "train.batch_size=2",
+                                "data.shuffle=false", "train.checkpoint_every=1")) == 0
+    (_, first), (_, second) = list_checkpoints(out)
+    ema = [next(state for state in (torch.load(f, weights_only=False) for f in sorted(path.glob("custom_checkpoint_*")))
+                if isinstance(state, dict) and "num_updates" in state) for path in (first, second)]
+    assert ema[0]["num_updates"] == ema[1]["num_updates"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(ema[0]["shadow"], ema[1]["shadow"]))
