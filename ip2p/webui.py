@@ -44,7 +44,8 @@ MAX_REQUEST_BYTES = 64 * 1024 * 1024
 """Largest request body accepted (an image as base64 is 4/3 of its file)."""
 MAX_PENDING_EDITS = 8
 """Edits taken at once (one runs, the others wait for it): each holds its upload and decoded image, so more are
-answered 503 before their body is read, which bounds the server's memory however many clients post."""
+answered 503 (their body read past in small chunks, not kept), which bounds the server's memory however many
+clients post."""
 MAX_STEPS = 1000
 MAX_INSTRUCTION_CHARS = 2000
 
@@ -277,11 +278,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._error(HTTPStatus.NOT_FOUND, f"no endpoint {path!r}; POST edits to /edit")
             return
-        if self.headers.get("Content-Type", "").partition(";")[0].strip().lower() != "application/json":
-            self.close_connection = True  # the body is not read
-            self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the edit as JSON with Content-Type: application/json "
-                        "(other types are refused: a page of another site could send them without the browser asking)")
-            return
         if length is None or not (length.isascii() and length.isdigit()):  # int() fails on e.g. '\xb2' ('²')
             self.close_connection = True
             self._error(HTTPStatus.LENGTH_REQUIRED, "the request needs a Content-Length header")
@@ -298,8 +294,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the request is {size} bytes, over the limit of "
                         f"{MAX_REQUEST_BYTES}; send a smaller image")
             return
+        if self.headers.get("Content-Type", "").partition(";")[0].strip().lower() != "application/json":
+            self.close_connection = True
+            self._discard(int(digits))  # read past (not kept): a client still uploading would see a reset otherwise
+            self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the edit as JSON with Content-Type: application/json "
+                        "(other types are refused: a page of another site could send them without the browser asking)")
+            return
         if not self.server.pending.acquire(blocking=False):
-            self.close_connection = True  # the body is not read
+            self.close_connection = True
+            # Read the body past, a chunk at a time (nothing is kept): closing with it unread would reset the
+            # connection, and a client still uploading (any image of a few MB) would see that instead of this answer.
+            self._discard(int(digits))
             self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"the editor already has {self.server.pending_limit} edits in "
                         "hand (they run one at a time); try again when one is done")
             return
@@ -307,6 +312,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._edit(self.rfile.read(int(digits)))
         finally:
             self.server.pending.release()
+
+    def _discard(self, length: int) -> None:
+        """Read ``length`` bytes of body past, a chunk at a time, keeping none."""
+        while length > 0:
+            chunk = self.rfile.read(min(length, 1 << 16))
+            if not chunk:
+                return
+            length -= len(chunk)
 
     def _edit(self, body: bytes) -> None:
         service = self.server.service

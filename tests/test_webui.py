@@ -385,3 +385,22 @@ def test_edits_past_the_pending_limit_are_answered_503_before_their_body_is_read
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_an_edit_past_the_pending_limit_or_of_another_type_gets_its_answer_while_uploading_a_large_image():
+    """The 503 must reach a client that is still sending a body of a few MB: closing with the body unread resets the
+    connection, and the page would say the server did not answer."""
+    server = webui.make_server("127.0.0.1", 0, None)
+    server.pending = threading.BoundedSemaphore(1)
+    server.pending.acquire()  # every slot taken
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/edit"
+        status, out = call(url, {"image": "A" * 4_000_000, "instruction": "x"})
+        assert status == 503 and "edits in hand" in out["error"], out
+        # the same for a large upload of another content type, refused before the pending limit
+        status, out = call(url, raw=b"A" * 4_000_000, headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert status == 415 and "Content-Type: application/json" in out["error"], out
+    finally:
+        server.shutdown()
+        server.server_close()
