@@ -122,6 +122,21 @@ def open_image(handle: Any) -> Image.Image:
             Image.MAX_IMAGE_PIXELS = limit
 
 
+def load_pixels(opened: Image.Image) -> None:
+    """``opened.load()`` for an image ``max_pixels`` has already let through: some decoders (TIFF, GIF frames) check
+    Pillow's own limit again as they allocate, so over it the limit is lifted for the load too (under the lock)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None or opened.width * opened.height <= limit:
+        opened.load()
+        return
+    with _PILLOW_LIMIT:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            opened.load()
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
 def _decode(handle: Any, path: str | os.PathLike, max_pixels: int) -> Image.Image:
     """Decode an open image file; every way it can be unusable is an `ImageError` naming `path`."""
     try:
@@ -137,7 +152,7 @@ def _decode(handle: Any, path: str | os.PathLike, max_pixels: int) -> Image.Imag
                     path=path,
                 )
             # Decode now so a truncated file fails here rather than later inside a resize or a batch.
-            opened.load()
+            load_pixels(opened)
             try:
                 upright = ImageOps.exif_transpose(opened)  # always a new image, independent of the file
             except Exception as exc:  # a broken EXIF block should not cost us a good picture

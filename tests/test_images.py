@@ -547,3 +547,19 @@ def test_make_grid_validation() -> None:
         make_grid(cells, col_labels=["a"])
     with pytest.raises(ValueError, match="non-empty"):
         make_grid([])
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "GIF"])
+def test_max_pixels_decides_for_formats_that_check_pillows_limit_while_decoding(fmt, monkeypatch) -> None:
+    # TIFF checks Image.MAX_IMAGE_PIXELS again in load(), after the header: a 200 MP TIFF was refused with
+    # "too large to decode safely; downscale it" although max_pixels allowed it. Pillow's limit lowered to 4 here.
+    from ip2p.data.decode import _decode_bytes
+
+    buffer = io.BytesIO()
+    _noise(8, 8).save(buffer, format=fmt)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert decode_image(buffer.getvalue(), max_pixels=64).size == (8, 8)
+        assert _decode_bytes(buffer.getvalue(), 64).size == (8, 8)
+    assert Image.MAX_IMAGE_PIXELS == 4

@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ip2p.images import DEFAULT_MAX_PIXELS, ImageError, load_image, open_image, to_rgb
+from ip2p.images import DEFAULT_MAX_PIXELS, ImageError, load_image, load_pixels, open_image, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def _decode_bytes(data: bytes, max_pixels: int) -> Image.Image:
             width, height = opened.size  # header only: refuse huge images before decoding any pixels
             if width * height > max_pixels:
                 raise BadRecord(f"image is {width}x{height}, over the limit of {max_pixels} pixels")
-            opened.load()
+            load_pixels(opened)
             try:
                 upright = ImageOps.exif_transpose(opened)
             except Exception as exc:  # a broken EXIF block should not cost us a good picture
