@@ -294,10 +294,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--randomize-cfg and --sweep both choose the guidance scales; pass one of them")
     paths = img.expand_image_paths(args.image)
     instructions = read_instructions(args)
-    if not args.sweep and (args.sweep_text or args.sweep_image):
+    if not args.sweep and (args.sweep_text is not None or args.sweep_image is not None):
         raise ValueError("--sweep-text and --sweep-image set the values of a --sweep grid; add --sweep")
-    sweep_text = parse_scales(args.sweep_text or SWEEP_TEXT, "--sweep-text") if args.sweep else []
-    sweep_image = parse_scales(args.sweep_image or SWEEP_IMAGE, "--sweep-image") if args.sweep else []
+    # `is None`, not `or`: an empty --sweep-text "" (an unset shell variable) is an error, not the default grid.
+    sweep_text, sweep_image = ([] if not args.sweep else parse_scales(default if text is None else text, flag)
+                               for text, flag, default in ((args.sweep_text, "--sweep-text", SWEEP_TEXT),
+                                                           (args.sweep_image, "--sweep-image", SWEEP_IMAGE)))
     jobs = plan_jobs(paths, instructions, args.output, args.num_images, args.sweep)
     _make_output_folders(jobs)
     if len(paths) == 1:  # a broken lone input fails now, not after minutes of loading a model

@@ -189,6 +189,8 @@ def test_infer_script_keeps_the_matmul_precision_diffusers_runs_with(monkeypatch
     ({"--text-guidance": "nan"}, "--text-guidance nan must be a finite number"),
     ({"--sweep": None, "--sweep-image": "1,inf"}, "--sweep-image='1,inf' must hold finite numbers"),
     ({"--sweep-text": "2,4"}, "set the values of a --sweep grid; add --sweep"),
+    ({"--sweep": None, "--sweep-text": ""}, "--sweep-text is empty"),  # not the default grid in silence
+    ({"--sweep-image": ""}, "set the values of a --sweep grid; add --sweep"),
     ({"--seed": str(2**64)}, "--seed 18446744073709551616 must be between 0 and 2**64 - 1"),
     ({"--resolution": "100000"}, "100000x75000 = 7500000000 pixels, over the limit"),
     ({"--text-guidance": "1e300", "--steps": "2"}, "the edit came out as NaN (s_T=1e+300, s_I=1.5, float32)"),
