@@ -273,6 +273,19 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def _check_optional_packages(cfg: Config) -> None:
+    """Refuse settings whose optional package is not installed (found without importing it)."""
+    import importlib.util
+
+    for setting, package, alternative in (("model.attention=xformers", "xformers", "model.attention=sdpa"),
+                                          ("train.optimizer=adamw8bit", "bitsandbytes", "train.optimizer=adamw")):
+        key, _, value = setting.partition("=")
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) == value and importlib.util.find_spec(package) is None:
+            raise ValueError(f"{setting} needs {package}, which is not installed: pip install {package}, or use "
+                             f"{alternative}")
+
+
 def _set_attention(unet, kind: str) -> None:
     if kind == "xformers":
         try:
@@ -357,6 +370,7 @@ class Trainer:
 
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
+        _check_optional_packages(cfg)  # before anything loads: a missing package must not cost a model download first
         trackers = list(cfg.trackers)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         # Accelerate only sets up multi-process CPU training (gloo) when told it runs on the CPU; without this,

@@ -709,21 +709,31 @@ def test_fp16_on_the_cpu_is_a_clear_error_before_the_model_loads(tmp_path, data_
     assert "train.mixed_precision=fp16 needs a GPU; on the CPU use train.mixed_precision=bf16 or no" in caplog.text
 
 
-def test_missing_optional_packages_are_clear_errors(tmp_path, data_dir, caplog, monkeypatch):
+def test_missing_optional_packages_are_clear_errors_before_the_model_loads(tmp_path, data_dir, caplog, monkeypatch):
+    # Before: the error came after the base model loaded (for a hub id, after its download).
     import builtins
+    import importlib.util
 
-    real_import = builtins.__import__
+    from ip2p import training
+
+    real_import, real_find_spec = builtins.__import__, importlib.util.find_spec
 
     def no_optional(name, *args, **kwargs):
         if name in ("xformers", "bitsandbytes"):
             raise ImportError(name)
         return real_import(name, *args, **kwargs)
 
+    def loads(*args, **kwargs):
+        raise AssertionError("the base model loaded before the missing package was named")
+
     monkeypatch.setattr(builtins, "__import__", no_optional)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("xformers", "bitsandbytes") else real_find_spec(name, *a))
+    monkeypatch.setattr(training, "load_components", loads)
     assert train.main(overrides(tmp_path / "x", data_dir, "model.attention=xformers")) == 2
-    assert "xformers is not installed" in caplog.text
+    assert "model.attention=xformers needs xformers, which is not installed" in caplog.text
     assert train.main(overrides(tmp_path / "b", data_dir, "train.optimizer=adamw8bit")) == 2
-    assert "needs bitsandbytes" in caplog.text
+    assert "train.optimizer=adamw8bit needs bitsandbytes" in caplog.text
 
 
 def _records_with_unreadable_sources(folder: Path, sources: list[str | None]) -> Path:
