@@ -124,7 +124,8 @@ def _text_generate(prompts, seed):
     return [Completion(f"make it night\n%%\n{p[:-4]} at night\nEND") for p in prompts]
 
 
-def test_run_text_stage_resumes_after_a_crash_without_duplicates(tmp_path):
+def test_run_text_stage_resumes_after_a_crash_without_duplicates(tmp_path, caplog):
+    caplog.set_level("INFO", logger="ip2p.datagen.text")
     captions = [f"caption number {i}" for i in range(10)] + ["caption number 3."]
     out = tmp_path / "prompts.jsonl"
     config = TextConfig(batch_size=3)
@@ -146,6 +147,9 @@ def test_run_text_stage_resumes_after_a_crash_without_duplicates(tmp_path):
     assert rows[4] == {"id": 4, "input": "caption number 4", "edit": "make it night",
                        "output": "caption number 4 at night"}
     assert stats.kept == 10 and stats.dropped == {"duplicate": 1}
+    # the summary counts the duplicate as dropped from the 11 listed, not as one of the 10 the LM edited
+    assert ("10 captions kept of the 10 this shard gave the LM (11 in the list); dropped: {'duplicate': 1}"
+            in caplog.text)
     # Rerunning a finished stage changes nothing.
     run_text_stage(captions, out, _text_generate, config=config, progress=False)
     assert len(out.read_text().splitlines()) == 10
@@ -444,9 +448,12 @@ def test_writer_refuses_pairs_whose_captions_differ_from_those_finished_by_any_s
     resumed = DatasetWriter(out, shard=Shard(0, 2))
     resumed.check_pairs(pairs)  # the same captions, and pairs not yet made: fine
     other = Pair(1, "a thing 1", "make it blue", "a blue thing 1")
-    with pytest.raises(ValueError, match=r"already holds pair id 1 made from other captions than 'a thing 1' -> "
-                                         r"'a blue thing 1' \(1 such pairs\); resume with the prompts file"):
+    with pytest.raises(ValueError, match=r"already holds pair id 1 made from other captions or another instruction "
+                                         r"than 'a thing 1' -> 'a blue thing 1' with 'make it blue' \(1 such pairs\); "
+                                         r"resume with the prompts file"):
         resumed.check_pairs([pairs[0], other])
+    with pytest.raises(ValueError, match=r"pair id 1 .* than 'a thing 1' -> 'a thing 1 made' with 'make it one'"):
+        resumed.check_pairs([Pair(1, "a thing 1", "make it one", "a thing 1 made")])  # only the instruction differs
     # A manifest written before the digests existed: its pairs are not checked, and later commits stay aligned.
     path = out / "_progress" / f"{Shard(0, 2).tag}.json"
     manifest = json.loads(path.read_text())

@@ -332,7 +332,8 @@ def test_images_resumed_from_other_prompts_is_refused_before_the_model_loads_and
 
     with monkeypatch.context() as patch:
         patch.setattr(images.PairSampler, "from_pretrained", no_model)
-        _fails(argv, f"{out} already holds pair id 1 made from other captions than 'a photo of thing one'", caplog)
+        _fails(argv, f"{out} already holds pair id 1 made from other captions or another instruction than 'a photo "
+               "of thing one'", caplog)
         assert "resume with the prompts file this folder was made from" in caplog.text
     assert _dataset(out) == whole  # untouched
     argv[argv.index("--prompts") + 1] = str(grown)

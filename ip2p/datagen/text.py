@@ -466,6 +466,8 @@ def run_text_stage(captions: Sequence[str], out_path: str | os.PathLike, generat
         bar.set_postfix(kept=state["kept"], tried=state["done"])
     bar.close()
     all_drops = dict(dropped + input_drops)
-    logger.info("text stage %s: %d of %d captions kept; dropped: %s", shard.tag, state["kept"], len(items),
-                all_drops or "none")
+    # Drops before the LM (empty, duplicate, unsafe captions) are counted over the whole list, which this shard's
+    # items are a part of: say both numbers.
+    logger.info("text stage %s: %d captions kept of the %d this shard gave the LM (%d in the list); dropped: %s",
+                shard.tag, state["kept"], len(items), len(captions), all_drops or "none")
     return TextStats(captions=len(items), done=state["done"], kept=state["kept"], dropped=all_drops)

@@ -217,8 +217,9 @@ class DatasetWriter:
         differ = [pair for pair in pairs if pair.id in known and known[pair.id] != pair_digest(pair)]
         if differ:
             first = differ[0]
-            raise ValueError(f"{self.out} already holds pair id {first.id} made from other captions than "
-                             f"{first.input!r} -> {first.output!r} ({len(differ)} such pairs); resume with the "
+            raise ValueError(f"{self.out} already holds pair id {first.id} made from other captions or another "
+                             f"instruction than {first.input!r} -> {first.output!r} with {first.edit!r} "
+                             f"({len(differ)} such pairs); resume with the "
                              "prompts file this folder was made from, or write to a new output folder")
 
     @property
