@@ -148,7 +148,7 @@ def _decode(handle: Any, path: str | os.PathLike, max_pixels: int) -> Image.Imag
             if width * height > max_pixels:
                 raise ImageError(
                     f"'{path}' is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}; "
-                    "downscale it or raise max_pixels",
+                    "downscale it or raise max_pixels (--max-pixels)",
                     path=path,
                 )
             # Decode now so a truncated file fails here rather than later inside a resize or a batch.
@@ -280,7 +280,8 @@ def resize_for_model(image: Image.Image, resolution: int = 512, multiple: int = 
     if max_pixels is not None and size[0] * size[1] > max_pixels:
         raise ValueError(
             f"resolution {resolution} makes this {image.width}x{image.height} image {size[0]}x{size[1]} = "
-            f"{size[0] * size[1]} pixels, over the limit of {max_pixels}; lower the resolution or raise max_pixels"
+            f"{size[0] * size[1]} pixels, over the limit of {max_pixels}; lower the resolution or raise max_pixels "
+            "(--max-pixels)"
         )
     image = to_rgb(image)
     if image.size == size:

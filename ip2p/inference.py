@@ -161,16 +161,22 @@ def check_finite(out: torch.Tensor, text_guidance: float, image_guidance: float,
     scales so large that the guided prediction overflows, or a model that overflows in half precision. ``scales``
     names the settings to lower, as the caller's user sets them."""
     if not torch.isfinite(out).all():
-        raise ValueError(f"the edit came out as NaN (s_T={text_guidance:g}, s_I={image_guidance:g}, "
-                         f"{str(dtype).removeprefix('torch.')}): the guidance scales are too large for this model, or "
-                         f"it overflows in half precision; lower {scales}, or use --dtype fp32")
+        name = str(dtype).removeprefix("torch.")
+        if dtype in (torch.float16, torch.bfloat16):
+            raise ValueError(f"the edit came out as NaN (s_T={text_guidance:g}, s_I={image_guidance:g}, {name}): the "
+                             "guidance scales are too large for this model, or it overflows in half precision; lower "
+                             f"{scales}, or use --dtype fp32")
+        raise ValueError(f"the edit came out as NaN (s_T={text_guidance:g}, s_I={image_guidance:g}, {name}): the "
+                         f"guidance scales are too large for this model; lower {scales}")
 
 
 def warn_if_truncated(tokenizer, instruction: str) -> str | None:
     """Warn (and return the warning) when the text encoder will not read all of ``instruction``: CLIP reads 77
     tokens and the rest is cut, as in diffusers' pipeline."""
     limit = tokenizer.model_max_length
-    count = len(tokenizer(instruction).input_ids)  # with the start and end tokens, as the limit counts them
+    # With the start and end tokens, as the limit counts them; verbose=False: transformers would warn that so long a
+    # sequence "will result in indexing errors", which the cut at the limit (said below) prevents.
+    count = len(tokenizer(instruction, verbose=False).input_ids)
     if count <= limit:
         return None
     shown = instruction if len(instruction) <= 80 else instruction[:77] + "..."

@@ -586,13 +586,15 @@ def test_a_device_index_past_those_pytorch_sees_is_refused(monkeypatch):
 
 
 def test_an_instruction_longer_than_the_text_encoder_reads_is_edited_with_a_warning(tiny_editor_dir, photo, tmp_path,
-                                                                                    caplog):
+                                                                                    caplog, capfd):
     long = "make it winter " + "and snowy " * 60
     out = tmp_path / "o.png"
     assert infer.main(["--checkpoint", str(tiny_editor_dir), "--image", str(photo), "--instruction", long, "--quiet",
                        "--steps", "1", "--resolution", "16", "--output", str(out)]) == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "tokens;" in r.getMessage()]
     assert len(warnings) == 1 and "reads only the first 77" in warnings[0] and out.exists()
+    # not also transformers' "will result in indexing errors", which the cut at 77 tokens prevents
+    assert "indexing errors" not in caplog.text + capfd.readouterr().err
     caplog.clear()
     assert infer.main(["--checkpoint", str(tiny_editor_dir), "--image", str(photo), "--instruction", "make it winter",
                        "--quiet", "--steps", "1", "--resolution", "16", "--output", str(out)]) == 0
@@ -606,3 +608,13 @@ def test_steps_the_sampler_cannot_take_are_one_line_error_over_several_inputs(ti
                      "--quiet", "--scheduler", "ddim", "--steps", "1000", "--output", str(tmp_path / "out")])
     assert rc == 2 and "steps=1000 is too many for the DDIMScheduler sampler" in caplog.text
     assert not list((tmp_path / "out").glob("*.png"))
+
+
+@pytest.mark.parametrize("dtype, advice", [(torch.float32, "lower --text-guidance/--image-guidance$"),
+                                           (torch.float16, "overflows in half precision; .* or use --dtype fp32$")])
+def test_a_nan_edit_suggests_fp32_only_when_it_ran_in_half_precision(dtype, advice):
+    from ip2p.inference import check_finite
+
+    check_finite(torch.zeros(1, 3, 2, 2), 7.5, 1.5, dtype)  # a finite edit passes
+    with pytest.raises(ValueError, match=advice):
+        check_finite(torch.full((1, 3, 2, 2), float("nan")), 7.5, 1.5, dtype)
