@@ -94,7 +94,8 @@ class UNetSpec:
     pooled_text: bool = False
     """Also add the attention-pooled instruction to the timestep embedding (diffusers' ``addition_embed_type="text"``),
     so every ResNet block sees it; SD has cross-attention only. With it the UNet learns to use the colour word of
-    background recolours within a hundred steps where cross-attention alone barely does (docs/demo-experiments.md, 2e)."""
+    background recolours within a hundred steps where cross-attention alone barely does (docs/demo-experiments.md,
+    2e)."""
     scale_shift: bool = False
     """Timestep (and pooled-text) conditioning as a per-channel scale and shift of the ResNets' normalised features
     (``resnet_time_scale_shift="scale_shift"``, LDM's ``use_scale_shift_norm``) instead of SD's added bias."""
@@ -966,7 +967,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     vae_p.add_argument("--layers-per-block", type=int, default=defaults_spec.layers_per_block)
     _add_field_options(vae_p, defaults_training, _VAE_TRAINING_OPTIONS, "", "VAE training")
     unet_p = sub.add_parser("unet", help="pretrain the base UNet as a text-to-image model on captioned scenes and "
-                                         "write it (default: the asset; wants a GPU)")
+                                         "write it (default: ip2p/assets/demo_unet.safetensors, not shipped yet; "
+                                         "wants a GPU)")
     unet_p.add_argument("--out", default=str(UNET_ASSET), help=f"safetensors file to write (default {UNET_ASSET})")
     _add_unet_options(unet_p)
     _add_text_options(unet_p, choose=True)
@@ -985,8 +987,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     build_p.add_argument("out", help="folder to write")
     build_p.add_argument("--force", action="store_true")
     build_p.add_argument("--pretrained-unet", action="store_true",
-                         help="a UNet pretrained as text-to-image (the shipped asset, or one from `unet`, found in "
-                              "OUT's parent as unet-<digest>.safetensors) instead of a random one")
+                         help="a UNet pretrained as text-to-image (ip2p/assets/demo_unet.safetensors, not shipped "
+                              "yet, or one from `unet`, found in OUT's parent as unet-<digest>.safetensors; with "
+                              f"neither, one is pretrained now: {UNetPretraining().steps} steps of "
+                              f"{UNetPretraining().batch_size}, meant for a GPU) instead of a "
+                              "random one")
     _add_unet_options(build_p)
     _add_text_options(build_p, choose=True)
     args = parser.parse_args(argv)
