@@ -117,7 +117,7 @@ class TrainConfig:
     mixed_precision: str = "no"
     """no, fp16 or bf16."""
     condition_dropout: float = 0.05
-    """p: drop text, image, or both, each with probability p (SPEC section 2)."""
+    """p: drop text, image, or both, each with probability p (the paper, section 3.2.1)."""
     ema: bool = True
     """Keep an EMA of the UNet weights; the final export uses it."""
     ema_decay: float = 0.9999

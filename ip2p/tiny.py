@@ -1,4 +1,4 @@
-"""Tiny, seeded, offline Stable Diffusion components (SPEC section 9).
+"""Tiny, seeded, offline Stable Diffusion components (for tests and smoke runs: no download).
 
 Used by the tests and as a smoke test for users: ``python -m ip2p.tiny OUT_DIR`` writes a complete diffusers
 pipeline folder (random weights) that ``infer.py`` and diffusers both load. Nothing is downloaded.

@@ -324,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ip2p.datagen.config import FinetuneConfig
 
     parser = argparse.ArgumentParser(prog="python -m ip2p.datagen",
-                                     description="Generate an InstructPix2Pix training set from captions (SPEC §6).")
+                                     description="Generate an InstructPix2Pix training set from captions (the "
+                                                 "paper, section 3.1).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("finetune-lm", help="fine-tune a causal LM on human-written triples",
