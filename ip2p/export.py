@@ -568,10 +568,12 @@ def _refuse_unused(unused: list[str], name: str, path: Path, source: str) -> Non
 
 
 def _check_text_encoder_keys(checkpoint: dict[str, torch.Tensor], path: Path, source: str, local_only: bool) -> None:
-    """Refuse text-encoder weights the config's CLIP has no place for: diffusers' converter drops them silently (a
-    file with five text layers read with a three-layer config loads as a different, wrong text encoder).
+    """Refuse transformer layers of the text encoder that the config's CLIP has no place for: diffusers' converter
+    drops them silently (a file with five text layers read with a three-layer config loads as a different, wrong text
+    encoder). Other weights it has no place for (a projection head some tools save) are named in a warning, not
+    refused, since diffusers reads such files as they are.
 
-    Missing ones are caught after loading (:func:`_check_materialised`). Allowed extras: the position-id buffer (SD
+    Missing ones are caught after loading (:func:`_check_materialised`). Expected extras: the position-id buffer (SD
     1.x), OpenCLIP's projection, logit scale and attention mask, and the last OpenCLIP layer, which SD 2.x files hold
     but never use (it conditions on the penultimate layer, so diffusers' config has one layer fewer)."""
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -588,7 +590,10 @@ def _check_text_encoder_keys(checkpoint: dict[str, torch.Tensor], path: Path, so
         allowed = tuple(OPEN_CLIP_PREFIX + k for k in ("text_projection", "logit_scale", "attn_mask",
                                                          f"transformer.resblocks.{config.num_hidden_layers}."))
     unused = sorted(k for k in checkpoint if k.startswith(prefix) and k not in expected and not k.startswith(allowed))
-    _refuse_unused(unused, "text_encoder", path, source)
+    _refuse_unused([k for k in unused if ".encoder.layers." in k or ".resblocks." in k], "text_encoder", path, source)
+    if unused:
+        logger.warning("%s: %d text-encoder weights have no place in config_dir=%r's CLIP and are not read (e.g. %r)",
+                       path, len(unused), source, unused[0])
 
 
 def _load_text_encoder(checkpoint: dict[str, torch.Tensor], source: str, torch_dtype: torch.dtype | None,

@@ -447,6 +447,18 @@ def test_file_text_encoder_layers_the_config_has_no_place_for_are_refused_not_dr
             assert torch.equal(value, want[key.removeprefix("text_model.")]), key
 
 
+def test_file_text_encoder_extras_outside_its_layers_load_with_a_warning(tmp_path, sd_file, sd_components,
+                                                                          tiny_sd_editor_dir, caplog):
+    """A projection head some tools save beside SD 1.x's text encoder: diffusers reads the file, and so do we."""
+    state = load_file(sd_file)
+    state["cond_stage_model.transformer.text_projection.weight"] = torch.zeros(32, 32)
+    path = tmp_path / "projection.safetensors"
+    save_file(state, path)
+    loaded = export.load_single_file(path, config_dir=str(tiny_sd_editor_dir))
+    assert_same_weights(sd_components.text_encoder, loaded["text_encoder"], "text_encoder")
+    assert "1 text-encoder weights have no place" in caplog.text and "text_projection" in caplog.text
+
+
 def test_offline_without_config_dir_explains_the_flag(sd_file, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="--config-dir"):
