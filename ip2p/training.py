@@ -623,8 +623,9 @@ class Trainer:
             save_file({k: v.detach().contiguous().cpu() for k, v in zip(("source", "mean", "std"), entry)}, str(tmp))
 
     # -- one micro-step --
-    def micro_step(self, batch: dict) -> torch.Tensor:
-        """Forward/backward one per-process micro-batch; returns the detached per-process loss."""
+    def micro_step(self, batch: dict, update: bool = True) -> torch.Tensor:
+        """Forward/backward one per-process micro-batch; returns the detached per-process loss. ``update=False`` on a
+        step's last micro-batch drops the step's gradients instead of taking the optimizer step."""
         cfg, acc = self.cfg, self.accelerator
         device = acc.device
         source = batch["source"].to(device, dtype=self.weight_dtype)
@@ -667,9 +668,10 @@ class Trainer:
             # Divide by the per-process batch: DDP's gradient mean over processes then gives the global-batch mean.
             loss = (per_example_mse(pred, goal, pixel_weights) * weights).sum() / b
             acc.backward(loss)
-            if acc.sync_gradients and cfg.train.max_grad_norm > 0:
+            if update and acc.sync_gradients and cfg.train.max_grad_norm > 0:
                 acc.clip_grad_norm_(_trainable(self.unet), cfg.train.max_grad_norm)
-            self.optimizer.step()
+            if update:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
@@ -964,18 +966,19 @@ class Trainer:
         window: list[float] = []  # losses since the last log line: one batch's loss is too noisy to read
         with _Preemption() as preempt:
             while self.global_step < cfg.train.max_steps:
-                batches = [next(loader) for _ in range(accum)]
                 # The data loader logs the first reasons and then counts; the total goes to the trackers.
-                bad = sum(int(batch["num_bad"]) for batch in batches)
-                valid = sum(int(batch["valid"].sum()) for batch in batches)
-                # A step whose whole global batch is bad updates nothing: an optimizer step on zero gradients would
-                # still move the weights (Adam's momentum, weight decay). Every process skips it alike.
-                if acc.num_processes > 1:
-                    valid = acc.reduce(torch.tensor(float(valid), device=acc.device), reduction="sum").item()
-                if valid:
-                    losses = [self.micro_step(batch) for batch in batches]
-                else:
-                    losses = [torch.zeros((), device=acc.device)]
+                bad = valid = 0
+                losses = []
+                for micro in range(accum):  # one micro-batch in memory at a time
+                    batch = next(loader)
+                    bad += int(batch["num_bad"])
+                    valid += int(batch["valid"].sum())
+                    if micro == accum - 1 and acc.num_processes > 1:  # every process, at the same point
+                        valid = acc.reduce(torch.tensor(float(valid), device=acc.device), reduction="sum").item()
+                    # A step whose whole global batch is bad updates nothing: an optimizer step on zero gradients
+                    # would still move the weights (Adam's momentum, weight decay). Every process skips it alike.
+                    losses.append(self.micro_step(batch, update=micro < accum - 1 or valid > 0))
+                if not valid:
                     self.skipped_steps += 1
                     if self.skipped_steps == 1:
                         logger.warning("step %d: every record of its batch was bad; the step updates nothing "

@@ -778,12 +778,14 @@ def test_bad_records_are_skipped_counted_and_never_fatal(tmp_path):
 def test_a_step_whose_whole_batch_is_bad_updates_nothing(tmp_path, caplog):
     _records_with_unreadable_sources(tmp_path / "bad", ["red", "blue", None, None])
     # Step 2's batch is rows 2-3, both unreadable: AdamW on zero gradients would still move the weights (momentum).
-    for name, run in (("one", train.main), ("two", torchrun_train)):
+    # "accum": the step's two micro-batches of one record each, read one at a time, both bad
+    for name, run in (("one", train.main), ("accum", train.main), ("two", torchrun_train)):
         out = tmp_path / name
-        per_process = "train.batch_size=2" if name == "one" else "train.batch_size=1"
-        result = run(overrides(out, tmp_path / "bad", "train.max_steps=2", per_process, "data.shuffle=false",
+        per_process = {"one": ["train.batch_size=2"], "two": ["train.batch_size=1"],
+                       "accum": ["train.batch_size=1", "train.gradient_accumulation=2"]}[name]
+        result = run(overrides(out, tmp_path / "bad", "train.max_steps=2", *per_process, "data.shuffle=false",
                                "train.checkpoint_every=1", "train.weight_decay=0.01"))
-        assert result == 0 if name == "one" else "updates nothing" in result
+        assert result == 0 if name != "two" else "updates nothing" in result
         (_, first), (_, second) = list_checkpoints(out)
         assert max_diff(load_file(first / "model.safetensors"), load_file(second / "model.safetensors")) == 0
         state = json.loads((second / "ip2p_state.json").read_text())
