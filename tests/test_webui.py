@@ -356,8 +356,7 @@ def test_edits_are_taken_as_json_only_so_other_sites_cannot_post_them(server, ph
     assert status == 200 and answer["image"].startswith("data:image/png;base64,")
 
 
-def test_edits_past_the_pending_limit_are_answered_503_before_their_body_is_read(tiny_editor_dir, photo_bytes,
-                                                                                monkeypatch):
+def test_edits_past_the_pending_limit_are_answered_503_at_once(tiny_editor_dir, photo_bytes, monkeypatch):
     """Each taken edit holds its upload and image while it waits for the one running: past the limit the server
     answers at once, so no number of clients can make it hold more; the edits it took still finish."""
     monkeypatch.setattr(webui, "MAX_PENDING_EDITS", 2)
