@@ -8,6 +8,7 @@ training share one definition of "an RGB image in [-1, 1]" (the same numbers dif
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import logging
@@ -110,16 +111,23 @@ def _check_max_pixels(max_pixels: object) -> None:
 _PILLOW_LIMIT = threading.Lock()  # Image.MAX_IMAGE_PIXELS is Pillow's global: one opening at a time changes it
 
 
+@contextlib.contextmanager
+def _without_pillow_limit():
+    """Lift Pillow's global size limit for the block, under the lock: our ``max_pixels`` decides instead."""
+    with _PILLOW_LIMIT:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
 def open_image(handle: Any) -> Image.Image:
     """``Image.open`` with Pillow's own size check (a warning over ``Image.MAX_IMAGE_PIXELS``, about 89 MP, an error
     over twice that) left to ours: ``max_pixels`` is compared with the header right after, before any pixel is
     decoded, so a user who raises it can load a 200 MP photo and one who does not gets our message, not Pillow's."""
-    with _PILLOW_LIMIT:
-        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            return Image.open(handle)
-        finally:
-            Image.MAX_IMAGE_PIXELS = limit
+    with _without_pillow_limit():
+        return Image.open(handle)
 
 
 def load_pixels(opened: Image.Image) -> None:
@@ -129,12 +137,8 @@ def load_pixels(opened: Image.Image) -> None:
     if limit is None or opened.width * opened.height <= limit:
         opened.load()
         return
-    with _PILLOW_LIMIT:
-        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            opened.load()
-        finally:
-            Image.MAX_IMAGE_PIXELS = limit
+    with _without_pillow_limit():
+        opened.load()
 
 
 def _decode(handle: Any, path: str | os.PathLike, max_pixels: int) -> Image.Image:
