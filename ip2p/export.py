@@ -288,8 +288,7 @@ def _text_encoder_to_ldm(text_encoder: torch.nn.Module) -> dict[str, torch.Tenso
     transformers 5 flattened ``CLIPTextModel`` (no ``text_model.`` prefix); older versions and
     ``CLIPTextModelWithProjection`` keep the prefix, so both are accepted.
     """
-    state = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
-    state.pop("embeddings.position_ids", None)  # a constant buffer; loaders rebuild it
+    state = _text_state(text_encoder)
     act = getattr(text_encoder.config, "hidden_act", None)
     if act == "quick_gelu":
         # Only the text transformer has a place in SD 1.x files (no projection head, e.g. CLIPTextModelWithProjection).
@@ -301,6 +300,14 @@ def _text_encoder_to_ldm(text_encoder: torch.nn.Module) -> dict[str, torch.Tenso
         return _open_clip_state(state)
     _unmappable("text_encoder", f"hidden_act={act!r} is neither OpenAI CLIP's 'quick_gelu' (SD 1.x) nor "
                                 "OpenCLIP's 'gelu' (SD 2.x)")
+
+
+def _text_state(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CLIP text model's weights without the ``text_model.`` prefix (present or not, by transformers version) and
+    without the position-id buffer (a constant; loaders rebuild it)."""
+    state = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    state.pop("embeddings.position_ids", None)
+    return state
 
 
 def _open_clip_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -580,8 +587,7 @@ def _check_text_encoder_keys(checkpoint: dict[str, torch.Tensor], path: Path, so
 
     config = CLIPTextConfig.from_pretrained(source, subfolder="text_encoder", local_files_only=local_only)
     with torch.device("meta"):
-        state = {k.removeprefix("text_model."): v for k, v in CLIPTextModel(config).state_dict().items()}
-    state.pop("embeddings.position_ids", None)
+        state = _text_state(CLIPTextModel(config))
     if any(k.startswith(CLIP_PREFIX) for k in checkpoint):  # the layout diffusers' converter reads, too
         prefix, expected = CLIP_PREFIX, {f"{CLIP_PREFIX}text_model.{k}" for k in state}
         allowed = (f"{CLIP_PREFIX}text_model.embeddings.position_ids",)
