@@ -161,13 +161,11 @@ def check_finite(out: torch.Tensor, text_guidance: float, image_guidance: float,
     scales so large that the guided prediction overflows, or a model that overflows in half precision. ``scales``
     names the settings to lower, as the caller's user sets them."""
     if not torch.isfinite(out).all():
-        name = str(dtype).removeprefix("torch.")
-        if dtype in (torch.float16, torch.bfloat16):
-            raise ValueError(f"the edit came out as NaN (s_T={text_guidance:g}, s_I={image_guidance:g}, {name}): the "
-                             "guidance scales are too large for this model, or it overflows in half precision; lower "
-                             f"{scales}, or use --dtype fp32")
-        raise ValueError(f"the edit came out as NaN (s_T={text_guidance:g}, s_I={image_guidance:g}, {name}): the "
-                         f"guidance scales are too large for this model; lower {scales}")
+        half = dtype in (torch.float16, torch.bfloat16)
+        raise ValueError(f"the edit came out as NaN (s_T={text_guidance:g}, s_I={image_guidance:g}, "
+                         f"{str(dtype).removeprefix('torch.')}): the guidance scales are too large for this model"
+                         f"{', or it overflows in half precision' if half else ''}; lower {scales}"
+                         f"{', or use --dtype fp32' if half else ''}")
 
 
 def warn_if_truncated(tokenizer, instruction: str) -> str | None:
