@@ -277,13 +277,12 @@ def _check_optional_packages(cfg: Config) -> None:
     """Refuse settings whose optional package is not installed (found without importing it)."""
     import importlib.util
 
-    for setting, package, alternative in (("model.attention=xformers", "xformers", "model.attention=sdpa"),
-                                          ("train.optimizer=adamw8bit", "bitsandbytes", "train.optimizer=adamw")):
-        key, _, value = setting.partition("=")
+    for key, value, package, alternative in (("model.attention", "xformers", "xformers", "sdpa"),
+                                             ("train.optimizer", "adamw8bit", "bitsandbytes", "adamw")):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) == value and importlib.util.find_spec(package) is None:
-            raise ValueError(f"{setting} needs {package}, which is not installed: pip install {package}, or use "
-                             f"{alternative}")
+            raise ValueError(f"{key}={value} needs {package}, which is not installed: pip install {package}, or use "
+                             f"{key}={alternative}")
 
 
 def _set_attention(unet, kind: str) -> None:
